@@ -1,0 +1,108 @@
+"""Frozen encoding: exactly what `SentenceTransformer.encode` computes, with less padding.
+
+Texts are tokenized once to get their true token counts, sorted by them (within the window the
+caller hands us, e.g. one shard, so a build can stream), batched, run under `inference_mode`
+(autocast bf16/fp16 on CUDA, fp32 on CPU) and put back in input order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def load_encoder(folder: str | Path, device: torch.device | str = "cpu"):
+    """Load a sentence-transformers folder (never the network), in eval mode."""
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        model = SentenceTransformer(str(folder), device=str(device), local_files_only=True)
+    except Exception as e:  # ST/transformers raise many types for a broken folder
+        raise UserError(f"{folder}: cannot load as a sentence-transformers model ({type(e).__name__}: {e})") from None
+    return model.eval()
+
+
+def encoder_info(model, folder: str | Path, name: str, weights_sha256: str) -> dict:
+    """The provenance of an encoder: everything that decides the vectors it makes."""
+    # By class name: the module paths moved between sentence-transformers 3 and 6.
+    kinds = {type(m).__name__: m for m in model}
+    pooling = kinds["Pooling"].get_config_dict().get("pooling_mode", "unknown") if "Pooling" in kinds else "unknown"
+    return {
+        "name": name,
+        "path": str(folder),
+        "weights_sha256": weights_sha256,
+        "max_seq_length": int(model.max_seq_length),
+        "pooling": pooling,
+        "normalize": True,  # always L2-normalised here (a no-op for models that end in Normalize)
+        "model_normalizes": "Normalize" in kinds,
+        "dim": embedding_dim(model),
+    }
+
+
+def embedding_dim(model) -> int:
+    # sentence-transformers 6 renamed the method; accept both.
+    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(getter())
+
+
+def _tokenize(model, texts: list[str]) -> dict:
+    return (getattr(model, "preprocess", None) or model.tokenize)(texts)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+def token_lengths(model, texts: Sequence[str]) -> np.ndarray:
+    enc = model.tokenizer(list(texts), truncation=True, max_length=model.max_seq_length, add_special_tokens=True)
+    return np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(texts))
+
+
+@torch.inference_mode()
+def encode(
+    model,
+    texts: Sequence[str],
+    batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Encode `texts` to L2-normalised float32 vectors, rows in input order.
+
+    Shape:
+        returns [len(texts), dim]
+    """
+    if batch_size <= 0:
+        raise UserError(f"--batch-size {batch_size}: must be a positive integer")
+    device = model.device
+    out = np.empty((len(texts), embedding_dim(model)), dtype=np.float32)
+    order = np.argsort(-token_lengths(model, texts), kind="stable")  # longest first, like ST
+    with _autocast(device):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            features = _tokenize(model, [texts[i] for i in idx])
+            features = {k: v.to(device) for k, v in features.items() if isinstance(v, torch.Tensor)}
+            emb = model(features)["sentence_embedding"].float()
+            out[idx] = F.normalize(emb, dim=-1).cpu().numpy()
+            if on_batch:
+                on_batch(len(idx))
+    return out

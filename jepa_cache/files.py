@@ -1,0 +1,124 @@
+"""Small filesystem primitives: atomic writes, hashing, exclusive locks, safe archive extraction."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import UserError
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def canonical_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON of `obj`: the key for content-addressed outputs."""
+    return sha256_bytes(json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":")).encode())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: readers see all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(to_jsonable(obj), indent=1, sort_keys=True) + "\n").encode())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path for a writer that needs a filename (pyarrow, safetensors)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive, non-blocking lock for `target` (released by the OS if we die).
+
+    A second process gets a clear refusal instead of writing into the same output.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f".{target.name}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"{target}: another {what} is writing here right now ({lock_path} is locked); "
+                "wait for it to finish or choose another --out"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def safe_extract(archive: zipfile.ZipFile, dest: str | os.PathLike) -> None:
+    """Extract a zip, refusing members that would land outside `dest` (zip-slip) or are links."""
+    dest = Path(dest).resolve()
+    for info in archive.infolist():
+        target = (dest / info.filename).resolve()
+        if target != dest and dest not in target.parents:
+            raise UserError(f"{archive.filename}: member {info.filename!r} escapes the target folder; refusing")
+        if (info.external_attr >> 16) & 0o170000 == 0o120000:
+            raise UserError(f"{archive.filename}: member {info.filename!r} is a symbolic link; refusing")
+    archive.extractall(dest)

