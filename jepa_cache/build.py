@@ -1,68 +1,111 @@
-"""Stage 1: dataset -> frozen encoder -> store. Resumable shard by shard."""
+"""Stage 1: dataset -> frozen encoder -> store. Resumable shard by shard.
+
+Everything that can be refused is checked before anything is written: options, every line of the
+dataset (ids read in one pass), the model folder (loaded), and an existing store's provenance.
+Texts are then streamed a shard at a time, so memory does not grow with the corpus beyond its ids.
+"""
 
 from __future__ import annotations
 
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Callable
 
 from .config import BuildConfig
-from .datasets import CORPUS_TEMPLATE, QUERY_TEMPLATE, find_dataset, read_corpus, read_queries
+from .datasets import CORPUS_TEMPLATE, QUERY_TEMPLATE, BeirDataset, corpus_text, find_dataset, iter_records, query_text, read_ids
 from .errors import UserError
 from .files import atomic_write_json, exclusive_lock
 from .models import canonical_name, resolve_model, weights_sha256
-from .store import SECTIONS, Store, StoreWriter, open_store
+from .store import DTYPES, SECTIONS, Store, StoreWriter, open_store
 
 DEFAULT_CACHE_DIR = Path("data/cache")
+TEXT_OF = {"corpus": corpus_text, "queries": query_text}
 
 
 def default_store_path(dataset: str, model_folder: Path) -> Path:
     return DEFAULT_CACHE_DIR / dataset / model_folder.name
 
 
-def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
-    """Encode every document and query of `cfg.dataset` into a store; only missing shards are encoded."""
+def check_options(cfg: BuildConfig) -> None:
     if cfg.batch_size <= 0:
         raise UserError(f"--batch-size {cfg.batch_size}: must be a positive integer")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if cfg.shard_rows <= 0 or cfg.chunk_rows <= 0 or cfg.shard_rows % cfg.chunk_rows:
+        raise UserError(f"--shard-rows {cfg.shard_rows} must be a positive multiple of --chunk-rows {cfg.chunk_rows}")
+
+
+def _paths(dataset: BeirDataset) -> dict[str, Path]:
+    return {"corpus": dataset.corpus_path, "queries": dataset.queries_path}
+
+
+def _existing(out: Path, wanted: dict) -> Store | None:
+    """The store already at `out`, refused early (before the model loads) if it was made differently."""
+    if not (out / "zarr.json").is_file():
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"{out}: exists and is not a jepa-cache store; choose another --out")
+        return None
+    existing = open_store(out, require_complete=False)
+    p = existing.provenance
+    found = {
+        "source": p.get("source"),
+        "weights_sha256": (p.get("encoder") or {}).get("weights_sha256"),
+        "dataset files": (p.get("dataset") or {}).get("files"),
+        "dtype": p.get("dtype"),
+        "layout": p.get("layout"),
+    }
+    differ = [k for k in wanted if wanted[k] != found[k]]
+    if differ:
+        raise UserError(f"{out}: holds a store made differently ({', '.join(differ)} differ); choose another --out, or pass --overwrite to replace it")
+    return existing
+
+
+def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
+    """Encode every document and query of `cfg.dataset` into a store; only missing shards are encoded."""
+    check_options(cfg)
     dataset = find_dataset(cfg.dataset, cfg.data_dir)
-    doc_ids, doc_texts = read_corpus(dataset.corpus_path)
-    query_ids, query_texts = read_queries(dataset.queries_path)
+    paths = _paths(dataset)
+    ids = {section: read_ids(path) for section, path in paths.items()}
     folder = resolve_model(cfg.model)
     out = Path(cfg.out) if cfg.out else default_store_path(dataset.name, folder)
-    texts = {"corpus": doc_texts, "queries": query_texts}
-
     sha = weights_sha256(folder)
+    files = dataset.file_hashes()
+    layout = {"shard_rows": cfg.shard_rows, "chunk_rows": cfg.chunk_rows}
+
+    if not cfg.overwrite:
+        wanted = {"source": "built", "weights_sha256": sha, "dataset files": files, "dtype": cfg.dtype, "layout": layout}
+        existing = _existing(out, wanted)
+        if existing is not None and existing.complete:
+            log(f"{out}: already complete ({existing.corpus.rows} docs, {existing.queries.rows} queries); nothing to do")
+            return existing
+
+    from .encoder import embedding_dim, encoder_info, load_encoder, pick_device
+
+    device = pick_device(cfg.device)
+    model = load_encoder(folder, device)
+    name = str(cfg.model) if Path(cfg.model).exists() else canonical_name(cfg.model)
+    provenance = {
+        "source": "built",
+        "encoder": encoder_info(model, folder, name, sha),
+        "dataset": {"name": dataset.name, "files": files},
+        "template": {"corpus": CORPUS_TEMPLATE, "queries": QUERY_TEMPLATE},
+        "dim": embedding_dim(model),
+        "dtype": cfg.dtype,
+        "layout": layout,
+    }
     with exclusive_lock(out, "build"):
-        # The encoder's settings come from its folder; reading them needs the model, but a
-        # complete store with matching weights is answered before paying for a load.
-        if (out / "zarr.json").is_file() and not cfg.overwrite:
-            existing = open_store(out, require_complete=False)
-            if existing.complete and existing.provenance["encoder"].get("weights_sha256") == sha and \
-                    existing.provenance["dataset"]["files"] == dataset.file_hashes() and existing.provenance["dtype"] == cfg.dtype:
-                log(f"{out}: already complete ({existing.corpus.rows} docs, {existing.queries.rows} queries); nothing to do")
-                return existing
-
-        from .encoder import embedding_dim, encoder_info, load_encoder, pick_device
-
-        device = pick_device(cfg.device)
-        model = load_encoder(folder, device)
-        provenance_dim = embedding_dim(model)
-        provenance = {
-            "source": "built",
-            "encoder": encoder_info(model, folder, canonical_name(cfg.model) if not Path(cfg.model).exists() else str(cfg.model), sha),
-            "dataset": {"name": dataset.name, "files": dataset.file_hashes()},
-            "template": {"corpus": CORPUS_TEMPLATE, "queries": QUERY_TEMPLATE},
-            "dim": provenance_dim,
-            "dtype": cfg.dtype,
-            "layout": {"shard_rows": cfg.shard_rows, "chunk_rows": cfg.chunk_rows},
-        }
-        writer = StoreWriter.open_or_create(out, provenance, {"corpus": doc_ids, "queries": query_ids}, overwrite=cfg.overwrite)
+        writer = StoreWriter.open_or_create(out, provenance, ids, overwrite=cfg.overwrite)
+        if writer.provenance.get("complete"):  # another build finished it while we loaded the model
+            log(f"{out}: already complete; nothing to do")
+            return open_store(out)
+        writer.remove_partial_files()
         atomic_write_json(out / "build_config.json", cfg)
         todo = {s: writer.missing_shards(s) for s in SECTIONS}
         rows_todo = sum(stop - start for s in SECTIONS for _, start, stop in todo[s])
         resumed = sum(len(writer.shard_ranges(s)) - len(todo[s]) for s in SECTIONS)
         if resumed:
-            log(f"{out}: resuming; {resumed} shard(s) already done")
+            log(f"{out}: resuming; {resumed} shard(s) already done, {rows_todo} rows to encode")
 
         from tqdm.auto import tqdm
 
@@ -71,10 +114,17 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
         t0 = time.perf_counter()
         with tqdm(total=rows_todo, unit="rows", desc=f"build {dataset.name}", dynamic_ncols=True) as bar:
             for section in SECTIONS:
-                for index, start, stop in todo[section]:
-                    bar.set_postfix_str(f"{section} shard {index}")
-                    vectors = encode(model, texts[section][start:stop], cfg.batch_size, on_batch=bar.update)
-                    writer.write_shard(section, index, vectors)
+                missing = {index for index, _, _ in todo[section]}
+                if not missing:
+                    continue
+                texts = (text for _, _, text in iter_records(paths[section], TEXT_OF[section]))
+                for index, start, stop in writer.shard_ranges(section):
+                    window = list(islice(texts, stop - start))
+                    if len(window) != stop - start:
+                        raise UserError(f"{paths[section]}: changed while the build was reading it; run the build again")
+                    if index in missing:
+                        bar.set_postfix_str(f"{section} shard {index}", refresh=False)
+                        writer.write_shard(section, index, encode(model, window, cfg.batch_size, on_batch=bar.update))
         store = writer.finalize()
         seconds = time.perf_counter() - t0
         rate = rows_todo / seconds if seconds > 0 else float("nan")

@@ -75,14 +75,158 @@ def verify(store: Path = typer.Argument(..., help="Store folder to check.")) -> 
     typer.echo(f"{store}: ok")
 
 
+@app.command("import")
+def import_cmd(
+    dataset: str = typer.Option(..., "--dataset", help="BEIR dataset the vectors belong to (ids are checked against it)."),
+    corpus: Path = typer.Option(..., "--corpus", help="Document vectors: .npy (float32/float16) or .parquet (id + list column)."),
+    queries: Path = typer.Option(..., "--queries", help="Query vectors: .npy or .parquet."),
+    corpus_ids: Optional[Path] = typer.Option(None, "--corpus-ids", help="Document ids, one per line, in row order (default: the Parquet id column)."),
+    query_ids: Optional[Path] = typer.Option(None, "--query-ids", help="Query ids, one per line, in row order (default: the Parquet id column)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="The encoder that made the vectors; its weights are fingerprinted when found locally."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Store folder (default data/cache/<dataset>/<model>)."),
+    data_dir: Optional[Path] = DataDirOpt,
+    dtype: str = typer.Option("float16", "--dtype", help="Stored precision: float16 or float32."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet id column (default: id, else _id)."),
+    vector_column: Optional[str] = typer.Option(None, "--vector-column", help="Parquet vector column (default: the one list column)."),
+    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise rows that are not unit length (warned); "
+                                   "--no-normalize stores them as given (an error if the declared encoder normalises)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store at --out made from other vectors."),
+) -> None:
+    """Turn precomputed vectors into a store that train-heads and eval use like a built one (marked imported)."""
+    from .config import ImportConfig
+    from .importer import import_vectors
+
+    import_vectors(ImportConfig(dataset=dataset, corpus=str(corpus), queries=str(queries),
+                                corpus_ids=str(corpus_ids) if corpus_ids else None, query_ids=str(query_ids) if query_ids else None,
+                                model=model, out=str(out) if out else None, data_dir=str(data_dir) if data_dir else None,
+                                dtype=dtype, id_column=id_column, vector_column=vector_column, normalize=normalize,
+                                overwrite=overwrite), log=typer.echo)
+
+
+@app.command("eval")
+def eval_cmd(
+    dataset: list[str] = typer.Option(..., "--dataset", help="Dataset(s) to score; repeat or comma-separate for one table."),
+    split: str = typer.Option("test", "--split", help="qrels split to score."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Store folder (one dataset only; default data/cache/<dataset>/<model>)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Encoder whose default store to use."),
+    data_dir: Optional[Path] = DataDirOpt,
+    heads: Optional[Path] = typer.Option(None, "--heads", help="Trained heads; without them the base vectors are scored (vanilla)."),
+    query_tower: Optional[str] = typer.Option(None, "--query-tower", help="vanilla | projection | predictor (default: vanilla, predictor with --heads)."),
+    similarity: Optional[str] = typer.Option(None, "--similarity", help="cos | l2 (default: cos, or the heads' own)."),
+    index: str = typer.Option("faiss", "--index", help="faiss, or torch (exact matmul, a cross-check)."),
+    faiss_index: str = typer.Option("Flat", "--faiss-index", help="FAISS factory string: Flat (exact), HNSW32, IVF1024,Flat, ..."),
+    faiss_params: Optional[str] = typer.Option(None, "--faiss-params", help="Search parameters of an approximate index, e.g. nprobe=32."),
+    k: int = typer.Option(100, "--k", help="Hits per query (Recall@min(k,100))."),
+    strict: bool = typer.Option(False, "--strict", help="Fail when qrels name absent documents or judged queries lack a vector."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/eval/<datasets>-<split>-<variant>-...)."),
+    block_rows: Optional[int] = typer.Option(None, "--block-rows", help="Corpus rows searched at a time (default: what fits in 2 GiB)."),
+    device: str = typer.Option("auto", "--device", help="Device for --index torch: auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Retrieve through FAISS (or torch) and score NDCG@10, Recall@100 and MRR@10 as BEIR/MTEB do."""
+    from rich.console import Console
+
+    from .config import EvalConfig
+    from .evaluate import evaluate, results_table
+
+    results = evaluate(EvalConfig(datasets=dataset, split=split, store=str(store) if store else None, model=model,
+                                  data_dir=str(data_dir) if data_dir else None, heads=str(heads) if heads else None,
+                                  query_tower=query_tower, similarity=similarity, index=index, faiss_index=faiss_index,
+                                  faiss_params=faiss_params, k=k, strict=strict, out=str(out) if out else None,
+                                  block_rows=block_rows, device=device), log=typer.echo)
+    Console().print(results_table(results))
+    typer.echo(f"results: {results['out']}/results.json")
+
+
+@app.command("train-heads")
+def train_heads_cmd(
+    store: Path = typer.Option(..., "--store", help="Store folder (from build or import) holding the dataset's vectors."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Heads folder (default runs/heads/<dataset>/<preset>-<strategy>-s<seed>)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset for the qrels (name or folder; default: the store's)."),
+    data_dir: Optional[Path] = DataDirOpt,
+    train_split: str = typer.Option("train", "--train-split", help="qrels split whose (query, document) pairs with score > 0 are trained on."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pairs/triples of ids instead of qrels: JSONL or Parquet with query_id, doc_id[, negative_id]."),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Train on a seeded random subset of this many pairs."),
+    strategy: str = typer.Option("frozen-predictor", "--strategy", help="frozen-predictor (projection + predictor, full loss) or frozen-isotropy (projection only)."),
+    preset: str = typer.Option("default", "--preset", help="default, or study (the study's heads and loss, for a faithful comparison)."),
+    output_dim: Optional[int] = typer.Option(None, "--output-dim", help="Width of the heads' output [preset: 512]."),
+    projection: Optional[str] = typer.Option(None, "--projection", help="linear | residual | mlp [default: linear; study: mlp]."),
+    predictor: Optional[str] = typer.Option(None, "--predictor", help="residual | mlp | none [default: residual; study: mlp]."),
+    init: Optional[str] = typer.Option(None, "--init", help="Projection init: pca | orthogonal | identity | random [default: pca; study: random]."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout inside the MLPs [0.1]."),
+    similarity: Optional[str] = typer.Option(None, "--similarity", help="Retrieval similarity recorded in the heads: cos | l2 [default: cos; study: l2]."),
+    query_tower: Optional[str] = typer.Option(None, "--query-tower", help="Tower that encodes queries at retrieval: projection | predictor [projection]."),
+    contrastive: Optional[str] = typer.Option(None, "--contrastive", help="infonce | triplet [default: infonce; study: triplet]."),
+    isotropy: Optional[str] = typer.Option(None, "--isotropy", help="sigreg | covariance [default: sigreg; study: covariance]."),
+    predictive: Optional[str] = typer.Option(None, "--predictive", help="Predictive distance: cosine | mse [default: cosine; study: mse]."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="InfoNCE temperature [0.05]."),
+    margin: Optional[float] = typer.Option(None, "--margin", help="Triplet margin [1.0]."),
+    lambda_predictive: Optional[float] = typer.Option(None, "--lambda-predictive", help="Weight of the predictive term [0.5]."),
+    lambda_contrastive: Optional[float] = typer.Option(None, "--lambda-contrastive", help="Weight of the contrastive term [0.1]."),
+    lambda_isotropy: Optional[float] = typer.Option(None, "--lambda-isotropy", help="Weight of the isotropy term [1.0]."),
+    lambda_reg: Optional[float] = typer.Option(None, "--lambda-reg", help="Weight of the variance term [0]."),
+    stopgrad: Optional[bool] = typer.Option(None, "--stopgrad/--no-stopgrad", help="Stop the gradient through the predictive target [on]."),
+    directions: Optional[int] = typer.Option(None, "--directions", help="SIGReg random directions per step [256]."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the pairs [2]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per step, the in-batch negatives [default: 256; study: 16]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate of the heads [5e-4]."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay [0.01]."),
+    warmup: Optional[float] = typer.Option(None, "--warmup", help="Fraction of steps of linear warm-up before cosine decay [0.05]."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max gradient norm, 0 for none [1.0]."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the init, the shuffle, dropout and SIGReg's directions."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    live: bool = typer.Option(False, "--live", help="Reference loop: encode every batch's texts through the frozen encoder (slow)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Encoder for --live (default: the one recorded in the store; must match it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace heads already in --out."),
+) -> None:
+    """Train the projection and JEPA predictor on the store's cached vectors (seconds, not an encoder per step)."""
+    from .config import TrainConfig
+    from .train import train
+
+    train(TrainConfig(
+        store=str(store), out=str(out) if out else None, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
+        train_split=train_split, pairs=str(pairs) if pairs else None, max_pairs=max_pairs, strategy=strategy, preset=preset,
+        output_dim=output_dim, projection=projection, predictor=predictor, init=init, dropout=dropout, similarity=similarity,
+        query_tower=query_tower, contrastive=contrastive, isotropy=isotropy, predictive=predictive, temperature=temperature,
+        margin=margin, lambda_predictive=lambda_predictive, lambda_contrastive=lambda_contrastive,
+        lambda_isotropy=lambda_isotropy, lambda_reg=lambda_reg, use_stopgrad=stopgrad, directions=directions, epochs=epochs,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, seed=seed,
+        device=device, live=live, model=model, overwrite=overwrite,
+    ), log=typer.echo)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="A pipelines/*.toml recipe."),
+    encode: bool = typer.Option(False, "--encode", help="Encode every dataset even where reference vectors could be imported."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run folders go (runs/<name>/)."),
+) -> None:
+    """Run a whole study from a recipe (stores, heads per strategy and seed, eval) and print the comparison.
+
+    Every stage is content-addressed and reused when its inputs are unchanged; the report lands in
+    runs/<name>/report.md with results.json and plots.
+    """
+    from .pipeline import Runner, load_recipe
+
+    Runner(load_recipe(recipe), runs_dir=runs_dir, encode=encode, log=typer.echo).run()
+
+
 def main() -> None:
-    """Console entry point: a UserError becomes one clear line and exit status 2."""
+    """Console entry point: a UserError (or an OS error: disk full, permission) becomes one clear line and exit status 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # Non-standalone click returns (not raises) the code of a `typer.Exit`; a command's own return value is not a code.
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            sys.exit(code)
     except UserError as e:
         if _state["debug"]:
             raise
         typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        if _state["debug"]:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        typer.echo(f"error: {where}{e.strerror or e} (rerun with --debug for the traceback)", err=True)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

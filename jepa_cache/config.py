@@ -22,3 +22,101 @@ class BuildConfig:
     shard_rows: int = DEFAULT_SHARD_ROWS
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     overwrite: bool = False
+
+
+@dataclass
+class ImportConfig:
+    """Turn precomputed vectors (.npy or Parquet) into a store that train and eval use like a built one."""
+
+    dataset: str
+    corpus: str
+    queries: str
+    corpus_ids: str | None = None  # text file, one id per line; default: the Parquet id column
+    query_ids: str | None = None
+    model: str = DEFAULT_MODEL  # the encoder the user declares made the vectors
+    out: str | None = None  # default: data/cache/<dataset>/<model folder name>
+    data_dir: str | None = None
+    dtype: str = "float16"
+    id_column: str | None = None  # Parquet: default "id", else "_id"
+    vector_column: str | None = None  # Parquet: default the one list-typed column
+    normalize: bool = True  # L2-normalise rows that are not unit length (warned and recorded)
+    shard_rows: int = DEFAULT_SHARD_ROWS
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    overwrite: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Stage 3: store (+ heads) -> index -> top-k -> pytrec_eval, for one or more datasets."""
+
+    datasets: list[str]
+    split: str = "test"
+    store: str | None = None  # only with one dataset; default: data/cache/<dataset>/<model folder name>
+    model: str = DEFAULT_MODEL  # picks the default store path
+    data_dir: str | None = None
+    heads: str | None = None
+    query_tower: str | None = None  # vanilla | projection | predictor; default: vanilla, or predictor with heads
+    similarity: str | None = None  # cos | l2; default: cos, or the heads' own
+    index: str = "faiss"  # faiss | torch (exact, blockwise matmul)
+    faiss_index: str = "Flat"  # a faiss factory string: Flat, HNSW32, IVF1024,Flat, ...
+    faiss_params: str | None = None  # e.g. "nprobe=32" or "efSearch=128"
+    k: int = 100
+    strict: bool = False  # qrels naming absent documents, or judged queries without a vector, are errors
+    out: str | None = None  # default: runs/eval/<datasets>-<split>-<variant>
+    block_rows: int | None = None  # corpus rows searched at a time; default: what fits in ~2 GiB
+    device: str = "auto"  # for --index torch and the heads
+
+
+@dataclass
+class TrainConfig:
+    """Stage 2: train retrieval heads on a store's cached vectors.
+
+    Fields left None take their value from `preset` (see `train.PRESETS`); the `config.json`
+    written beside the heads holds every value resolved, so a run can be repeated exactly.
+    """
+
+    store: str
+    out: str | None = None  # default: runs/heads/<dataset>/<preset>-<strategy>-s<seed>
+    dataset: str | None = None  # where the qrels are (name or folder); default: the store's dataset
+    data_dir: str | None = None
+    train_split: str = "train"
+    pairs: str | None = None  # a pairs/triples file of ids (JSONL or Parquet) instead of qrels
+    max_pairs: int | None = None  # a seeded subset of the pairs (quick runs, the live benchmark)
+    strategy: str = "frozen-predictor"
+    preset: str = "default"
+    # heads
+    output_dim: int | None = None
+    projection: str | None = None
+    projection_hidden: int | None = None
+    predictor: str | None = None
+    predictor_hidden: int | None = None
+    dropout: float | None = None
+    init: str | None = None
+    similarity: str | None = None
+    query_tower: str | None = None
+    # loss
+    contrastive: str | None = None
+    isotropy: str | None = None
+    predictive: str | None = None
+    temperature: float | None = None
+    margin: float | None = None
+    lambda_predictive: float | None = None
+    lambda_contrastive: float | None = None
+    lambda_isotropy: float | None = None
+    lambda_reg: float | None = None
+    use_stopgrad: bool | None = None
+    directions: int | None = None
+    # optimisation
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup: float | None = None  # fraction of the steps with a linear warm-up; then cosine decay
+    grad_clip: float | None = None  # max gradient norm; 0 = no clipping
+    seed: int = 0
+    device: str = "auto"
+    # the live reference loop: encode each batch's texts through the frozen encoder
+    live: bool = False
+    model: str | None = None  # live encoder; default: the one recorded in the store
+    encode_batch_size: int = 32
+    overwrite: bool = False

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import UserError
 from .files import sha256_file
@@ -129,23 +129,35 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         raise UserError(f"{path}: cannot be read ({e}); the file may be truncated or not UTF-8") from None
 
 
-def _read_records(path: Path, text_of) -> tuple[list[str], list[str]]:
-    ids: list[str] = []
-    texts: list[str] = []
-    first_line: dict[str, int] = {}
+def query_text(query: dict) -> str:
+    return query.get("text") or ""
+
+
+def iter_records(path: Path, text_of: Callable[[dict], str] = corpus_text) -> Iterator[tuple[int, str, str]]:
+    """(line number, id, text) of each record, every line checked; lets a build stream a large corpus."""
     for lineno, obj in iter_jsonl(path):
         raw_id = obj.get("_id")
         if raw_id is None or str(raw_id) == "":
             raise UserError(f"{path}: line {lineno}: missing '_id'")
-        doc_id = str(raw_id)
-        if doc_id in first_line:
-            raise UserError(f"{path}: line {lineno}: duplicate _id {doc_id!r} (first on line {first_line[doc_id]})")
-        first_line[doc_id] = lineno
+        if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
+            raise UserError(f"{path}: line {lineno}: '_id' must be a string or an integer, got {type(raw_id).__name__}")
         for field in ("title", "text"):
             if field in obj and obj[field] is not None and not isinstance(obj[field], str):
                 raise UserError(f"{path}: line {lineno}: field {field!r} must be a string")
+        yield lineno, str(raw_id), text_of(obj)
+
+
+def _read_records(path: Path, text_of: Callable[[dict], str], keep_texts: bool = True) -> tuple[list[str], list[str]]:
+    ids: list[str] = []
+    texts: list[str] = []
+    first_line: dict[str, int] = {}
+    for lineno, doc_id, text in iter_records(path, text_of):
+        if doc_id in first_line:
+            raise UserError(f"{path}: line {lineno}: duplicate _id {doc_id!r} (first on line {first_line[doc_id]})")
+        first_line[doc_id] = lineno
         ids.append(doc_id)
-        texts.append(text_of(obj))
+        if keep_texts:
+            texts.append(text)
     if not ids:
         raise UserError(f"{path}: no records; the file is empty")
     return ids, texts
@@ -158,7 +170,12 @@ def read_corpus(path: Path) -> tuple[list[str], list[str]]:
 
 def read_queries(path: Path) -> tuple[list[str], list[str]]:
     """Query ids and texts, in file order."""
-    return _read_records(path, lambda q: q.get("text") or "")
+    return _read_records(path, query_text)
+
+
+def read_ids(path: Path) -> list[str]:
+    """The ids of a corpus or queries file in file order, every record checked, without holding the texts."""
+    return _read_records(path, corpus_text, keep_texts=False)[0]
 
 
 def read_qrels(path: Path) -> dict[str, dict[str, int]]:

@@ -1,7 +1,7 @@
 """Frozen encoding: exactly what `SentenceTransformer.encode` computes, with less padding.
 
-Texts are tokenized once to get their true token counts, sorted by them (within the window the
-caller hands us, e.g. one shard, so a build can stream), batched, run under `inference_mode`
+Texts are tokenized once, sorted by their true token counts (within the window the caller hands
+us, e.g. one shard, so a build can stream), padded per batch, run under `inference_mode`
 (autocast bf16/fp16 on CUDA, fp32 on CPU) and put back in input order.
 """
 
@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+
+# What the tokenizer returns that the transformer takes (some tokenizers add offsets or lengths).
+_FEATURES = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -32,7 +35,9 @@ def pick_device(device: str = "auto") -> torch.device:
 def load_encoder(folder: str | Path, device: torch.device | str = "cpu"):
     """Load a sentence-transformers folder (never the network), in eval mode."""
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a local load is quick; its bar would clutter the build's output
     try:
         model = SentenceTransformer(str(folder), device=str(device), local_files_only=True)
     except Exception as e:  # ST/transformers raise many types for a broken folder
@@ -63,10 +68,6 @@ def embedding_dim(model) -> int:
     return int(getter())
 
 
-def _tokenize(model, texts: list[str]) -> dict:
-    return (getattr(model, "preprocess", None) or model.tokenize)(texts)
-
-
 def _autocast(device: torch.device):
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -74,9 +75,10 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def token_lengths(model, texts: Sequence[str]) -> np.ndarray:
-    enc = model.tokenizer(list(texts), truncation=True, max_length=model.max_seq_length, add_special_tokens=True)
-    return np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(texts))
+def tokenize(model, texts: Sequence[str]) -> dict[str, list[list[int]]]:
+    """Token ids of every text, unpadded, truncated to the model's max_seq_length as ST does."""
+    enc = model.tokenizer(list(texts), truncation="longest_first", max_length=model.max_seq_length, padding=False)
+    return {k: v for k, v in enc.items() if k in _FEATURES}
 
 
 @torch.inference_mode()
@@ -88,6 +90,9 @@ def encode(
 ) -> np.ndarray:
     """Encode `texts` to L2-normalised float32 vectors, rows in input order.
 
+    Tokenizes once (ST tokenizes per batch after sorting by character count), sorts by the true
+    token count so that each batch pads to almost nothing, and pads each batch from those ids.
+
     Shape:
         returns [len(texts), dim]
     """
@@ -95,12 +100,14 @@ def encode(
         raise UserError(f"--batch-size {batch_size}: must be a positive integer")
     device = model.device
     out = np.empty((len(texts), embedding_dim(model)), dtype=np.float32)
-    order = np.argsort(-token_lengths(model, texts), kind="stable")  # longest first, like ST
+    enc = tokenize(model, texts)
+    lengths = np.fromiter(map(len, enc["input_ids"]), dtype=np.int64, count=len(texts))
+    order = np.argsort(-lengths, kind="stable")  # longest first, like ST: a too-large batch fails at once
     with _autocast(device):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            features = _tokenize(model, [texts[i] for i in idx])
-            features = {k: v.to(device) for k, v in features.items() if isinstance(v, torch.Tensor)}
+            batch = model.tokenizer.pad({k: [v[i] for i in idx] for k, v in enc.items()}, return_tensors="pt")
+            features = {k: t.to(device) for k, t in batch.items()}
             emb = model(features)["sentence_embedding"].float()
             out[idx] = F.normalize(emb, dim=-1).cpu().numpy()
             if on_batch:

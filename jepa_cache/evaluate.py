@@ -1,0 +1,261 @@
+"""Stage 3: store (+ heads) -> index -> top-k -> pytrec_eval, for one or more datasets in one table.
+
+Vanilla evaluation puts the store's vectors straight into the index and needs neither torch nor
+heads. With heads, documents go through the projection and queries through the projection or
+projection + predictor (`query_tower`); the heads refuse a store of another encoder. Conventions
+follow BEIR/MTEB (see metrics.py): only judged queries are searched, a hit whose id equals the
+query id is dropped (k+1 are retrieved so k remain), qrels naming documents absent from the corpus
+count as misses and are reported, a judged query without a vector scores 0 and is reported.
+
+Outputs in `out/`: results.json (written last and atomically: it exists only for a finished run),
+and per dataset `<name>/per_query.parquet`, `<name>/run.parquet`, `<name>/run.trec`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .build import default_store_path
+from .config import EvalConfig
+from .datasets import BeirDataset, find_dataset, read_qrels
+from .errors import UserError
+from .files import atomic_path, atomic_write_bytes, atomic_write_json, exclusive_lock
+from .importer import model_folder_name
+from .metrics import score
+from .search import EXACT, check_similarity, recall_vs_exact, top_k
+from .store import Store, now_iso, open_store, package_versions
+
+TOWERS = ("vanilla", "projection", "predictor")
+DEFAULT_RUNS_DIR = Path("runs/eval")
+BLOCK_BYTES = 2 << 30  # corpus held at once as float32; larger corpora are searched block by block
+
+
+def dataset_names(values: list[str]) -> list[str]:
+    """`--dataset a --dataset b` and `--dataset a,b` alike, duplicates dropped, order kept."""
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    if not names:
+        raise UserError("--dataset: name at least one dataset")
+    return list(dict.fromkeys(names))
+
+
+def _load_heads(path: str):
+    from .heads import load_heads  # noqa: PLC0415  (torch; only evaluation with heads needs it)
+
+    return load_heads(path)
+
+
+def _apply(fn: Callable, x: np.ndarray, *args) -> np.ndarray:
+    """Run a heads tower on a block of float32 vectors (CPU tensors in, numpy out)."""
+    import torch  # noqa: PLC0415
+
+    with torch.inference_mode():
+        return fn(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), *args).float().cpu().numpy()
+
+
+def _check_dataset(store: Store, dataset: BeirDataset) -> None:
+    """The store must hold the vectors of this dataset's corpus and queries, not another's."""
+    if store.dataset_name != dataset.name:
+        raise UserError(f"{store.path}: a store of dataset {store.dataset_name!r}, not {dataset.name!r}; pass that dataset's store")
+    recorded, current = store.provenance["dataset"].get("files", {}), dataset.file_hashes()
+    changed = [f for f in recorded if not f.startswith("qrels/") and f in current and recorded[f] != current[f]]
+    if changed:
+        raise UserError(f"{store.path}: made from other versions of {', '.join(changed)} than {dataset.root} holds; rebuild or re-import it")
+
+
+def _run_of(hits, query_ids: list[str], corpus_ids: list[str], k: int) -> dict[str, list[tuple[str, float]]]:
+    """Per query, its k best (doc id, score), dropping a hit whose id equals the query id (BEIR)."""
+    run: dict[str, list[tuple[str, float]]] = {}
+    for qid, rows, scores in zip(query_ids, hits.indices, hits.scores):
+        docs = [(corpus_ids[r], float(s)) for r, s in zip(rows, scores) if r >= 0 and corpus_ids[r] != qid]
+        run[qid] = docs[:k]
+    return run
+
+
+def _kept_rows(run: dict[str, list[tuple[str, float]]], row_of: dict[str, int]) -> np.ndarray:
+    k = max((len(d) for d in run.values()), default=0)
+    out = np.full((len(run), k), -1, dtype=np.int64)
+    for i, docs in enumerate(run.values()):
+        out[i, : len(docs)] = [row_of[d] for d, _ in docs]
+    return out
+
+
+def _write_outputs(folder: Path, run: dict, per_query: dict, has_vector: set[str], qrels: dict, tag: str) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(next(iter(per_query.values())).keys())
+    qids = list(per_query)
+    table = {"query_id": qids, **{n: [per_query[q][n] for q in qids] for n in names},
+             "relevant": [sum(1 for r in qrels[q].values() if r > 0) for q in qids], "has_vector": [q in has_vector for q in qids]}
+    with atomic_path(folder / "per_query.parquet") as tmp:
+        pq.write_table(pa.table(table), tmp)
+    rows = [(qid, rank, did, score) for qid, docs in run.items() for rank, (did, score) in enumerate(docs, 1)]
+    with atomic_path(folder / "run.parquet") as tmp:
+        pq.write_table(pa.table({
+            "query_id": pa.array([r[0] for r in rows], pa.string()), "rank": pa.array([r[1] for r in rows], pa.int32()),
+            "doc_id": pa.array([r[2] for r in rows], pa.string()), "score": pa.array([r[3] for r in rows], pa.float32()),
+        }), tmp)
+    # 9 significant digits round-trip a float32 score, so a re-scored TREC file ranks exactly as we did.
+    atomic_write_bytes(folder / "run.trec", "".join(f"{q} Q0 {d} {r} {s:.9g} {tag}\n" for q, r, d, s in rows).encode())
+    return {"per_query": str(folder / "per_query.parquet"), "run": str(folder / "run.parquet"), "trec": str(folder / "run.trec")}
+
+
+def _evaluate_one(dataset: BeirDataset, cfg: EvalConfig, heads: Any, tower: str, similarity: str, out: Path, tag: str,
+                  log: Callable[[str], None]) -> dict:
+    t0 = time.perf_counter()
+    name = dataset.name
+    qrels = read_qrels(dataset.qrels_path(cfg.split))
+    store_path = Path(cfg.store) if cfg.store else default_store_path(dataset.name, Path(model_folder_name(cfg.model)))
+    store = open_store(store_path, expect_encoder=heads.encoder_fingerprint if heads is not None else None)
+    _check_dataset(store, dataset)
+
+    corpus_ids, doc_row = store.corpus.ids, store.corpus.row_of
+    query_row = store.queries.row_of
+    with_vector = sorted((q for q in qrels if q in query_row), key=query_row.get)
+    no_vector = [q for q in qrels if q not in query_row]
+    absent = [(q, d) for q, docs in qrels.items() for d in docs if d not in doc_row]
+    if absent:
+        log(f"{name}: {len(absent)} qrels name documents absent from the corpus (e.g. {absent[0][1]!r}); they count as misses")
+    if no_vector:
+        log(f"{name}: {len(no_vector)} judged queries have no vector in {store.path}; they score 0")
+    if cfg.strict and (absent or no_vector):
+        raise UserError(f"{name} --strict: {len(absent)} qrels name absent documents, {len(no_vector)} judged queries have no vector")
+
+    queries = store.queries.vectors(rows=np.array([query_row[q] for q in with_vector], dtype=np.int64))
+    if heads is not None:
+        queries = _apply(heads.encode_queries, queries, tower)
+    block_rows = cfg.block_rows or max(1, BLOCK_BYTES // (4 * store.dim))
+
+    def blocks() -> Iterator[np.ndarray]:
+        for _, block in store.corpus.iter_blocks(block_rows):
+            yield _apply(heads.encode_documents, block) if heads is not None else block
+
+    in_memory = store.corpus.rows <= block_rows  # fits: read (and project) once, reuse for the exact reference
+    corpus = next(blocks(), np.zeros((0, store.dim), np.float32)) if in_memory else None
+
+    def docs() -> np.ndarray | Iterator[np.ndarray]:
+        return corpus if in_memory else blocks()
+
+    t_load = time.perf_counter() - t0
+
+    spec = "torch" if cfg.index == "torch" else cfg.faiss_index
+    device = None
+    if cfg.index == "torch":
+        from .encoder import pick_device  # noqa: PLC0415  (torch)
+
+        device = pick_device(cfg.device)
+    hits = top_k(docs(), queries, cfg.k + 1, similarity, spec, params=cfg.faiss_params, device=device)
+    run = _run_of(hits, with_vector, corpus_ids, cfg.k)
+    recall, exact_s = None, None
+    if spec not in EXACT:
+        exact = top_k(docs(), queries, cfg.k + 1, similarity, "Flat")
+        recall = recall_vs_exact(_kept_rows(run, doc_row), _kept_rows(_run_of(exact, with_vector, corpus_ids, cfg.k), doc_row))
+        exact_s = exact.seconds
+
+    t1 = time.perf_counter()
+    mean, per_query = score(qrels, {q: dict(d) for q, d in run.items()}, recall_at=min(100, cfg.k))
+    score_s = time.perf_counter() - t1
+    files = _write_outputs(out / name, run, per_query, set(with_vector), qrels, tag)
+    return {
+        "dataset": name,
+        "split": cfg.split,
+        "store": {
+            "path": str(store.path), "source": store.provenance.get("source"), "imported": store.imported,
+            "fingerprint": store.fingerprint, "encoder": store.provenance["encoder"]["name"],
+            "encoder_fingerprint": store.encoder_fingerprint, "dtype": store.provenance["dtype"],
+            "docs": store.corpus.rows,
+        },
+        "metrics": mean,
+        "queries": {"judged": len(qrels), "searched": len(with_vector), "without_vector": len(no_vector)},
+        "qrels": {"pairs": sum(len(d) for d in qrels.values()), "absent_docs": len(absent), "absent_examples": [d for _, d in absent[:10]]},
+        "search": {"backend": hits.backend, "index": spec, "params": cfg.faiss_params, "k": cfg.k, "similarity": similarity,
+                   "recall_vs_exact": recall, "blockwise": not in_memory},
+        "timings": {"load_s": t_load, "index_and_search_s": hits.seconds, "search_s": hits.search_seconds, "exact_s": exact_s, "score_s": score_s,
+                    "total_s": time.perf_counter() - t0, "queries_per_s": hits.queries_per_second},
+        "files": files,
+    }
+
+
+def _validate(cfg: EvalConfig, heads: Any) -> tuple[str, str]:
+    if cfg.k < 10:
+        raise UserError(f"--k {cfg.k}: must be at least 10 (NDCG@10 and MRR@10 need ten hits)")
+    if cfg.index not in ("faiss", "torch"):
+        raise UserError(f"--index {cfg.index!r}: choose faiss or torch")
+    if cfg.block_rows is not None and cfg.block_rows <= 0:
+        raise UserError(f"--block-rows {cfg.block_rows}: must be a positive integer")
+    tower = cfg.query_tower or ("predictor" if heads is not None else "vanilla")
+    if tower not in TOWERS:
+        raise UserError(f"--query-tower {tower!r}: choose one of {', '.join(TOWERS)}")
+    if heads is None and tower != "vanilla":
+        raise UserError(f"--query-tower {tower}: needs --heads")
+    if heads is not None and not heads.encoder_fingerprint:
+        raise UserError(f"{cfg.heads or 'heads'}: record no encoder fingerprint, so no store can be checked against them; retrain them")
+    if heads is not None and tower == "vanilla":
+        raise UserError("--query-tower vanilla: with --heads the documents are projected; use projection or predictor, or drop --heads")
+    return tower, check_similarity(cfg.similarity or (heads.similarity if heads is not None else "cos"))
+
+
+def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, heads: Any = None) -> dict:
+    """Evaluate one or more datasets; returns (and writes to results.json) metrics, fingerprints and timings.
+
+    Args:
+        heads: an already loaded heads object (else loaded from `cfg.heads`): encode_documents(x),
+            encode_queries(x, tower), encoder_fingerprint, similarity, fingerprint.
+    """
+    t0 = time.perf_counter()
+    names = dataset_names(cfg.datasets)
+    if cfg.store and len(names) > 1:
+        raise UserError("--store names one store; with several datasets each uses its default store (data/cache/<dataset>/<model>)")
+    datasets = [find_dataset(n, cfg.data_dir) for n in names]
+    if heads is None and cfg.heads:
+        heads = _load_heads(cfg.heads)
+    tower, similarity = _validate(cfg, heads)
+    variant = "vanilla" if heads is None else f"{tower}-{heads.fingerprint[:8]}"
+    index_tag = "torch" if cfg.index == "torch" else re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.faiss_index)
+    out = Path(cfg.out) if cfg.out else DEFAULT_RUNS_DIR / f"{'+'.join(d.name for d in datasets)}-{cfg.split}-{variant}-{similarity}-{index_tag}"
+    results: dict = {
+        "config": cfg,
+        "variant": variant,
+        "query_tower": tower,
+        "similarity": similarity,
+        "heads": None if heads is None else {"path": cfg.heads, "fingerprint": heads.fingerprint,
+                                            "encoder_fingerprint": heads.encoder_fingerprint, "similarity": heads.similarity},
+        "created": now_iso(),
+        "versions": package_versions(),
+        "datasets": {},
+    }
+    with exclusive_lock(out, "eval"):
+        for dataset in datasets:
+            results["datasets"][dataset.name] = _evaluate_one(dataset, cfg, heads, tower, similarity, out, f"jepa-cache-{variant}", log)
+        results["total_s"] = time.perf_counter() - t0
+        atomic_write_json(out / "results.json", results)
+    results["out"] = str(out)
+    return results
+
+
+def results_table(results: dict):
+    """A rich table of one evaluation: a row per dataset, imported stores marked."""
+    from rich.table import Table  # noqa: PLC0415
+
+    first = next(iter(results["datasets"].values()))
+    names = list(first["metrics"])
+    approximate = any(r["search"]["recall_vs_exact"] is not None for r in results["datasets"].values())
+    table = Table(title=f"{first['split']} · {results['variant']} · {results['similarity']} · {first['search']['backend']}")
+    label = {"ndcg": "NDCG", "recall": "Recall", "mrr": "MRR"}
+    for col in ["dataset", "store", "queries", *[label[n.split("@")[0]] + "@" + n.split("@")[1] for n in names],
+                "absent docs", "q/s", *(["recall vs exact"] if approximate else [])]:
+        table.add_column(col, justify="left" if col in ("dataset", "store") else "right")
+    for name, r in results["datasets"].items():
+        marker = "[yellow]imported[/yellow]" if r["store"]["imported"] else "built"
+        queries = f"{r['queries']['searched']}/{r['queries']['judged']}"
+        cells = [name, marker, queries, *[f"{r['metrics'][n]:.4f}" for n in names],
+                 str(r["qrels"]["absent_docs"]), f"{r['timings']['queries_per_s']:.0f}"]
+        if approximate:
+            cells.append(f"{r['search']['recall_vs_exact']:.4f}" if r["search"]["recall_vs_exact"] is not None else "exact")
+        table.add_row(*cells)
+    return table

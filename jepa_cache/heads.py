@@ -1,0 +1,305 @@
+"""Retrieval heads on top of a frozen encoder: a projection and a JEPA predictor.
+
+Documents are retrieved by their projection; queries by the projection or by the predictor
+(which maps a query's projection to where its relevant documents lie). Heads save as
+`heads.safetensors` (weights) + `heads.json` (config, parameter counts, and the store and
+encoder fingerprints they were trained on); loading needs no pickle.
+
+Initialisation decides whether the heads can even match the frozen baseline at step 0:
+
+- `random`: PyTorch's default (what the study used). The projection starts far from the
+  encoder's geometry and with outputs ~0.02 in scale.
+- `orthogonal`: a random orthonormal map. Inner products are kept up to the discarded
+  dimensions (all of them when output_dim == input_dim).
+- `pca`: the top principal directions of the training documents' vectors (uncentred, because
+  retrieval scores are uncentred inner products), which keeps as much of the documents'
+  geometry as output_dim allows.
+- `identity`: the identity (output_dim == input_dim only): step 0 *is* vanilla retrieval.
+
+The three structured inits also scale the map so that the projected vectors have a mean
+squared coordinate of 1, which is the scale SIGReg's N(0, I) target asks for; a uniform scale
+changes neither cosine nor L2 rankings. Their bias starts at zero. A `residual` predictor (and
+the `residual` projection's MLP branch) zero-initialises its last layer, so it starts as the
+identity (resp. as the plain linear map).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserError
+from .files import atomic_path, atomic_write_json, read_json, sha256_file
+
+FORMAT = "jepa-cache/heads"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "heads.safetensors"
+META_FILE = "heads.json"
+PROJECTIONS = ("linear", "residual", "mlp")
+PREDICTORS = ("residual", "mlp", "none")
+INITS = ("pca", "orthogonal", "identity", "random")
+SIMILARITIES = ("cos", "l2")
+TOWERS = ("projection", "predictor")
+
+
+@dataclass
+class HeadsConfig:
+    """Architecture of the heads; the defaults are the `default` preset's heads."""
+
+    input_dim: int = 768
+    output_dim: int = 512
+    projection: str = "linear"  # linear | residual (linear + zero-init MLP) | mlp (the study's)
+    projection_hidden: int = 1536
+    predictor: str = "residual"  # residual (identity at start) | mlp (the study's) | none
+    predictor_hidden: int = 1024
+    dropout: float = 0.1
+    init: str = "pca"  # of the projection's linear map: pca | orthogonal | identity | random
+    similarity: str = "cos"  # what retrieval with these heads uses: cos | l2
+    query_tower: str = "projection"  # which head encodes queries at retrieval time
+
+    def validate(self) -> "HeadsConfig":
+        for name, value, allowed in (
+            ("projection", self.projection, PROJECTIONS), ("predictor", self.predictor, PREDICTORS),
+            ("init", self.init, INITS), ("similarity", self.similarity, SIMILARITIES),
+            ("query tower", self.query_tower, TOWERS),
+        ):
+            if value not in allowed:
+                raise UserError(f"heads {name} {value!r}: choose one of {', '.join(allowed)}")
+        if min(self.input_dim, self.output_dim, self.projection_hidden, self.predictor_hidden) <= 0:
+            raise UserError("heads dimensions must be positive")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout {self.dropout}: must be in [0, 1)")
+        if self.projection == "mlp" and self.init != "random":
+            raise UserError(f"--init {self.init}: the study's MLP projection has only the random init; use --projection linear or residual")
+        if self.init == "identity" and self.output_dim != self.input_dim:
+            raise UserError(f"--init identity needs --output-dim {self.input_dim} (the encoder's width), not {self.output_dim}")
+        if self.init in ("pca", "orthogonal") and self.output_dim > self.input_dim:
+            raise UserError(f"--init {self.init} needs --output-dim <= {self.input_dim}, not {self.output_dim}")
+        if self.query_tower == "predictor" and self.predictor == "none":
+            raise UserError("--query-tower predictor needs a predictor (not --predictor none)")
+        return self
+
+
+def mlp(dim_in: int, hidden: int, dim_out: int, dropout: float) -> nn.Sequential:
+    """Linear → GELU → Dropout → Linear: the study's block (its state-dict keys are 0.* and 3.*)."""
+    return nn.Sequential(nn.Linear(dim_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim_out))
+
+
+class Residual(nn.Module):
+    """`base(x) + mlp(x)` with the MLP's last layer zero-initialised: starts as `base`."""
+
+    def __init__(self, base: nn.Module, branch: nn.Sequential):
+        super().__init__()
+        self.base = base
+        self.branch = branch
+        nn.init.zeros_(branch[-1].weight)
+        nn.init.zeros_(branch[-1].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.branch(x)
+
+
+def structured_weight(init: str, input_dim: int, output_dim: int, init_vectors: Tensor | None) -> Tensor:
+    """The projection matrix for a structured init, scaled to unit mean squared output coordinate.
+
+    Shape:
+        init_vectors: [N, input_dim] (needed by pca; calibrates the scale of the others); returns [output_dim, input_dim]
+    """
+    if init == "identity":
+        weight = torch.eye(input_dim)
+    elif init == "orthogonal":
+        weight = nn.init.orthogonal_(torch.empty(output_dim, input_dim))
+    else:
+        if init_vectors is None or len(init_vectors) == 0:
+            raise ValueError("pca init needs the training documents' vectors")
+        x = init_vectors.double()
+        _, eigvecs = torch.linalg.eigh(x.T @ x / len(x))  # ascending eigenvalues
+        weight = eigvecs[:, -output_dim:].flip(1).T.float()
+    if init_vectors is not None and len(init_vectors):
+        mean_sq = (init_vectors.float() @ weight.T).square().sum(1).mean() / output_dim
+    else:  # encoder vectors are unit-norm: a map with orthonormal rows gives output_dim/input_dim of it
+        mean_sq = torch.tensor(1.0 / input_dim)
+    return weight / mean_sq.clamp_min(1e-12).sqrt()
+
+
+class Heads(nn.Module):
+    """Projection (input_dim → output_dim) and optional predictor (output_dim → output_dim).
+
+    Attributes:
+        projection: applied to query and document vectors.
+        predictor: maps a query's projection to a predicted document projection (or None).
+        meta: what `heads.json` records besides the config (fingerprints, training summary).
+    """
+
+    def __init__(self, config: HeadsConfig, init_vectors: Tensor | None = None, *, initialise: bool = True):
+        """Build the modules and initialise them as `config.init` says.
+
+        Args:
+            init_vectors: [N, input_dim] training documents' vectors, for the pca init (and to
+                calibrate the scale of the other structured inits).
+            initialise: False when the weights are about to be loaded (skips the pca).
+        """
+        super().__init__()
+        self.config = config.validate()
+        c = config
+        if c.projection == "mlp":
+            self.projection: nn.Module = mlp(c.input_dim, c.projection_hidden, c.output_dim, c.dropout)
+        else:
+            linear = nn.Linear(c.input_dim, c.output_dim)
+            if c.init != "random" and initialise:
+                with torch.no_grad():
+                    linear.weight.copy_(structured_weight(c.init, c.input_dim, c.output_dim, init_vectors))
+                    linear.bias.zero_()
+            self.projection = linear if c.projection == "linear" else \
+                Residual(linear, mlp(c.input_dim, c.projection_hidden, c.output_dim, c.dropout))
+        if c.predictor == "none":
+            self.predictor: nn.Module | None = None
+        elif c.predictor == "mlp":
+            self.predictor = mlp(c.output_dim, c.predictor_hidden, c.output_dim, c.dropout)
+        else:
+            self.predictor = Residual(nn.Identity(), mlp(c.output_dim, c.predictor_hidden, c.output_dim, c.dropout))
+        self.meta: dict[str, Any] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The projection. Shape: x [N, input_dim] → [N, output_dim]."""
+        return self.projection(x)
+
+    @property
+    def similarity(self) -> str:
+        """`cos` or `l2`: how vectors from these heads must be compared at retrieval time."""
+        return self.config.similarity
+
+    @property
+    def encoder_fingerprint(self) -> str | None:
+        """The encoder these heads were trained on; pass it to `open_store(expect_encoder=...)`."""
+        return self.meta.get("store", {}).get("encoder_fingerprint")
+
+    @property
+    def store_fingerprint(self) -> str | None:
+        return self.meta.get("store", {}).get("fingerprint")
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the config and the weights: names these heads in evaluation outputs."""
+        digest = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+        for name, value in self.state_dict().items():
+            digest.update(name.encode())
+            digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = {"projection": sum(p.numel() for p in self.projection.parameters())}
+        counts["predictor"] = sum(p.numel() for p in self.predictor.parameters()) if self.predictor is not None else 0
+        counts["total"] = counts["projection"] + counts["predictor"]
+        return counts
+
+    def _infer(self, fn, x: Tensor) -> Tensor:
+        """Run `fn` in eval mode without autograd, restoring the previous mode afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                return fn(x.to(device=self._device(), dtype=torch.float32))
+        finally:
+            self.train(was_training)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode_documents(self, x: Tensor) -> Tensor:
+        """Document vectors for the index (eval mode, no grad).
+
+        Shape:
+            x: [N, input_dim] encoder vectors; returns [N, output_dim] float32 on the heads' device
+        """
+        return self._infer(self.projection, x)
+
+    def encode_queries(self, x: Tensor, tower: str | None = None) -> Tensor:
+        """Query vectors for search: the projection, or the predictor applied to it.
+
+        Args:
+            tower: `projection` or `predictor`; default the config's `query_tower`.
+
+        Shape:
+            x: [N, input_dim] encoder vectors; returns [N, output_dim] float32 on the heads' device
+        """
+        tower = tower or self.config.query_tower
+        if tower not in TOWERS:
+            raise UserError(f"query tower {tower!r}: choose one of {', '.join(TOWERS)}")
+        if tower == "predictor":
+            if self.predictor is None:
+                raise UserError("these heads have no predictor; encode queries with the projection tower")
+            return self._infer(lambda v: self.predictor(self.projection(v)), x)
+        return self._infer(self.projection, x)
+
+
+def save_heads(heads: Heads, folder: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Write `heads.safetensors` then `heads.json` (each atomically) into `folder`.
+
+    `heads.json` is written last and records the weights' sha256, so a crash between the two
+    files leaves a pair that `load_heads` refuses rather than a silent mismatch.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    heads.meta = {**heads.meta, **(meta or {})}
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in heads.state_dict().items()}
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": asdict(heads.config),
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(folder / WEIGHTS_FILE)},
+        "parameters": heads.parameter_counts(),
+        **heads.meta,
+    }
+    atomic_write_json(folder / META_FILE, record)
+    return folder
+
+
+def load_heads(path: str | os.PathLike, device: torch.device | str = "cpu") -> Heads:
+    """Load heads saved by `save_heads` (a folder, or its heads.json), in eval mode.
+
+    The store and encoder fingerprints are in `heads.meta["store"]`; `heads.encoder_fingerprint`
+    is what `open_store(expect_encoder=...)` wants.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    record = read_json(folder / META_FILE)
+    if record.get("format") != FORMAT:
+        raise UserError(f"{folder / META_FILE}: not a jepa-cache heads file (format {record.get('format')!r})")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{folder / META_FILE}: heads format version {record.get('format_version')} is not supported (need {FORMAT_VERSION})")
+    weights = folder / record["weights"]["file"]
+    if not weights.is_file():
+        raise UserError(f"{weights}: missing; the heads folder is incomplete")
+    if sha256_file(weights) != record["weights"]["sha256"]:
+        raise UserError(f"{weights}: sha256 differs from the one in {META_FILE} (an interrupted or mixed save); retrain or restore it")
+    known = {f.name for f in fields(HeadsConfig)}
+    config = HeadsConfig(**{k: v for k, v in record["config"].items() if k in known})
+    heads = Heads(config, initialise=False)
+    try:
+        heads.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{weights}: weights do not fit the config in {META_FILE} ({e})") from None
+    heads.meta = {k: v for k, v in record.items() if k not in ("format", "format_version", "config", "weights", "parameters")}
+    return heads.to(device).eval()
+
+
+def describe(heads: Heads) -> str:
+    """One line for the log: architecture and trainable parameter counts."""
+    c, n = heads.config, heads.parameter_counts()
+    predictor = "no predictor" if c.predictor == "none" else f"{c.predictor} predictor {n['predictor']:,}"
+    return (f"heads: {c.projection} projection {c.input_dim}→{c.output_dim} ({c.init} init) {n['projection']:,} params, "
+            f"{predictor}; {n['total']:,} trainable parameters")

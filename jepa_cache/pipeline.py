@@ -1,0 +1,226 @@
+"""Run a `pipelines/*.toml` recipe: stores -> heads per strategy and seed -> eval -> report.
+
+Every stage output is content-addressed: its folder name ends in a hash of its config and of the
+fingerprints of its inputs, so an unchanged stage is reused and a changed setting reruns only
+what depends on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import EvalConfig, ImportConfig, TrainConfig
+from .errors import UserError
+from .files import atomic_write_bytes, atomic_write_json, canonical_hash, read_json
+from .models import DEFAULT_MODEL
+
+REFERENCE_ENV = "JEPA_CACHE_REFERENCE"
+KINDS = ("vanilla", "frozen-isotropy", "frozen-predictor", "full", "hybrid")
+LIVE_KINDS = ("full", "hybrid")
+VECTORS = ("reference", "build")
+_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"store", "out", "dataset", "data_dir", "train_split", "seed", "strategy", "overwrite"}
+
+
+@dataclass
+class Strategy:
+    """One row of the comparison: a kind of training (or none), its preset, overrides and seeds."""
+
+    name: str
+    kind: str
+    preset: str = "default"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    options: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+    query_tower: str | None = None
+    similarity: str | None = None
+
+
+@dataclass
+class Recipe:
+    name: str
+    train_dataset: str
+    eval_datasets: list[str]  # the training dataset is in-domain; every other is zero-shot
+    strategies: list[Strategy]
+    model: str = DEFAULT_MODEL
+    train_split: str = "train"
+    eval_split: str = "test"
+    vectors: str = "reference"  # reference: import $JEPA_CACHE_REFERENCE/<dataset> when there; build: encode
+    data_dir: str | None = None
+
+
+def _expect(path: Path, where: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise UserError(f"{path}: {where} must be {names} ({what}), got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Parse and validate a recipe; every error names the file and the key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe not found (see pipelines/ for examples)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    known = {"name", "model", "vectors", "data_dir", "train", "eval", "strategies"}
+    if unknown := set(raw) - known:
+        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    train = _expect(path, "[train]", raw.get("train"), dict, "a table with dataset and split")
+    ev = _expect(path, "[eval]", raw.get("eval"), dict, "a table with datasets and split")
+    datasets = _expect(path, "eval.datasets", ev.get("datasets"), list, "a list of dataset names")
+    if not datasets or not all(isinstance(d, str) for d in datasets):
+        raise UserError(f"{path}: eval.datasets must be a non-empty list of dataset names")
+    vectors = raw.get("vectors", "reference")
+    if vectors not in VECTORS:
+        raise UserError(f"{path}: vectors = {vectors!r}; choose {' or '.join(VECTORS)}")
+    strategies = []
+    for i, s in enumerate(_expect(path, "[[strategies]]", raw.get("strategies"), list, "an array of tables")):
+        where = f"strategies[{i}]"
+        _expect(path, where, s, dict, "a table")
+        kind = s.get("kind", s.get("name"))
+        if kind not in KINDS:
+            raise UserError(f"{path}: {where}.kind = {kind!r} is not a strategy; choose one of {', '.join(KINDS)}")
+        options = _expect(path, f"{where}.options", s.get("options", {}), dict, "TrainConfig overrides")
+        if bad := set(options) - _TRAIN_FIELDS:
+            raise UserError(f"{path}: {where}.options: unknown setting(s) {', '.join(sorted(bad))}")
+        seeds = _expect(path, f"{where}.seeds", s.get("seeds", [0]), list, "a list of integers")
+        if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+            raise UserError(f"{path}: {where}.seeds must be a non-empty list of integers")
+        strategies.append(Strategy(
+            name=_expect(path, f"{where}.name", s.get("name", kind), str, "a label"), kind=kind,
+            preset=_expect(path, f"{where}.preset", s.get("preset", "default"), str, "a preset name"),
+            seeds=seeds, options=options, query_tower=s.get("query_tower"), similarity=s.get("similarity"),
+        ))
+    if not strategies:
+        raise UserError(f"{path}: no [[strategies]]")
+    names = [s.name for s in strategies]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: strategy names must be unique, got {names}")
+    return Recipe(
+        name=_expect(path, "name", raw.get("name", path.stem), str, "the run's name"),
+        model=_expect(path, "model", raw.get("model", DEFAULT_MODEL), str, "a hub id or folder"),
+        train_dataset=_expect(path, "train.dataset", train.get("dataset"), str, "a dataset name"),
+        train_split=_expect(path, "train.split", train.get("split", "train"), str, "a qrels split"),
+        eval_datasets=datasets, eval_split=_expect(path, "eval.split", ev.get("split", "test"), str, "a qrels split"),
+        strategies=strategies, vectors=vectors, data_dir=raw.get("data_dir"),
+    )
+
+
+class Runner:
+    """Executes a recipe under runs/<name>/, reusing every stage whose inputs are unchanged."""
+
+    def __init__(self, recipe: Recipe, runs_dir: Path = Path("runs"), encode: bool = False, log: Callable[[str], None] = print):
+        self.recipe, self.encode, self.log = recipe, encode, log
+        self.root = runs_dir / recipe.name
+        self.stores: dict[str, Any] = {}
+        self.reused = self.computed = 0
+
+    # -- stage 1 ---------------------------------------------------------------------------------
+    def store(self, dataset: str):
+        """The dataset's store: imported from reference vectors when allowed and present, else built."""
+        if dataset in self.stores:
+            return self.stores[dataset]
+        from .build import build, default_store_path  # noqa: PLC0415
+        from .config import BuildConfig  # noqa: PLC0415
+        from .models import resolve_model  # noqa: PLC0415
+        from .store import open_store  # noqa: PLC0415
+
+        reference = Path(os.environ.get(REFERENCE_ENV, "")) / dataset if os.environ.get(REFERENCE_ENV) else None
+        use_reference = (self.recipe.vectors == "reference" and not self.encode and reference is not None
+                         and (reference / "corpus.f32.npy").is_file() and self.recipe.model == DEFAULT_MODEL)
+        if use_reference:
+            from .importer import import_vectors, model_folder_name  # noqa: PLC0415
+
+            out = Path("data/cache") / dataset / f"{model_folder_name(self.recipe.model)}.imported"
+            if (out / "zarr.json").is_file():
+                store = open_store(out)
+                self.reused += 1
+            else:
+                self.log(f"[{dataset}] importing reference vectors from {reference}")
+                store = import_vectors(ImportConfig(
+                    dataset=dataset, corpus=str(reference / "corpus.f32.npy"), corpus_ids=str(reference / "corpus.ids.txt"),
+                    queries=str(reference / "queries.f32.npy"), query_ids=str(reference / "queries.ids.txt"),
+                    model=self.recipe.model, out=str(out), data_dir=self.recipe.data_dir), log=self.log)
+                self.computed += 1
+        else:
+            out = default_store_path(dataset, resolve_model(self.recipe.model))
+            store = build(BuildConfig(dataset=dataset, model=self.recipe.model, out=str(out), data_dir=self.recipe.data_dir), log=self.log)
+        self.stores[dataset] = store
+        return store
+
+    # -- stage 2 ---------------------------------------------------------------------------------
+    def heads(self, strategy: Strategy, seed: int) -> Path:
+        """Train (or reuse) the heads of one frozen strategy and seed."""
+        from .train import resolve_config, train  # noqa: PLC0415
+
+        store = self.store(self.recipe.train_dataset)
+        cfg = resolve_config(TrainConfig(store=str(store.path), dataset=self.recipe.train_dataset, data_dir=self.recipe.data_dir,
+                                         train_split=self.recipe.train_split, strategy=strategy.kind, preset=strategy.preset,
+                                         seed=seed, **strategy.options))
+        key = canonical_hash({"config": {k: v for k, v in vars(cfg).items() if k not in ("out", "store")},
+                              "store": store.fingerprint})[:12]
+        out = self.root / "heads" / f"{strategy.name}-s{seed}-{key}"
+        if (out / "heads.json").is_file():
+            self.reused += 1
+            return out
+        self.log(f"[{strategy.name} seed {seed}] training heads on {self.recipe.train_dataset}/{self.recipe.train_split}")
+        cfg.out, cfg.overwrite = str(out), True
+        train(cfg, log=self.log)
+        self.computed += 1
+        return out
+
+    # -- stage 3 ---------------------------------------------------------------------------------
+    def evaluate(self, strategy: Strategy, seed: int | None, heads: Path | None, dataset: str) -> dict:
+        from .evaluate import evaluate  # noqa: PLC0415
+
+        store = self.store(dataset)
+        heads_fp = read_json(heads / "heads.json")["weights"]["sha256"] if heads else None
+        cfg = EvalConfig(datasets=[dataset], split=self.recipe.eval_split, store=str(store.path), model=self.recipe.model,
+                         data_dir=self.recipe.data_dir, heads=str(heads) if heads else None,
+                         query_tower=strategy.query_tower, similarity=strategy.similarity)
+        key = canonical_hash({"config": {k: v for k, v in vars(cfg).items() if k not in ("out", "store", "heads")},
+                              "store": store.fingerprint, "heads": heads_fp})[:12]
+        out = self.root / "eval" / f"{strategy.name}-s{seed}-{dataset}-{key}"
+        if (out / "results.json").is_file():
+            self.reused += 1
+            return read_json(out / "results.json")
+        cfg.out = str(out)
+        self.computed += 1
+        return evaluate(cfg, log=lambda s: None)
+
+    # -- all -------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        r = self.recipe
+        rows = []
+        for strategy in r.strategies:
+            if strategy.kind in LIVE_KINDS:
+                # NOT DONE: live strategies (issue 6) are not wired into pipelines yet; run `jepa-cache train-live`.
+                raise UserError(f"strategy {strategy.name!r} ({strategy.kind}) needs live-encoder mode, which pipelines do not run yet")
+            seeds = [None] if strategy.kind == "vanilla" else strategy.seeds
+            for seed in seeds:
+                heads = None if strategy.kind == "vanilla" else self.heads(strategy, seed)
+                meta = read_json(heads / "heads.json") if heads else {}
+                for dataset in r.eval_datasets:
+                    result = self.evaluate(strategy, seed, heads, dataset)
+                    one = result["datasets"][dataset]
+                    rows.append({
+                        "strategy": strategy.name, "kind": strategy.kind, "seed": seed, "dataset": dataset,
+                        "in_domain": dataset == r.train_dataset, "metrics": one["metrics"],
+                        "per_query": one["files"]["per_query"], "store_source": one["store"]["source"],
+                        "heads": str(heads) if heads else None,
+                        "trainable_params": meta["parameters"]["total"] if meta else 0,
+                        "train_seconds": meta.get("training", {}).get("seconds", 0.0) if meta else 0.0,
+                    })
+        from .report import write_report  # noqa: PLC0415
+
+        summary = write_report(self.root, r, rows, self.stores)
+        self.log(f"stages: {self.computed} computed, {self.reused} reused; {time.perf_counter() - t0:.1f} s")
+        return summary
