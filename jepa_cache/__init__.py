@@ -9,6 +9,7 @@ _LAZY = {
     "Heads": "heads",
     "HeadsConfig": "heads",
     "load_heads": "heads",
+    "JEPAEncoder": "live", "GaussianEmbeddingGemma": "live",
 }
 
 

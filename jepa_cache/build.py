@@ -7,6 +7,7 @@ Texts are then streamed a shard at a time, so memory does not grow with the corp
 
 from __future__ import annotations
 
+import os
 import time
 from itertools import islice
 from pathlib import Path
@@ -40,6 +41,17 @@ def _paths(dataset: BeirDataset) -> dict[str, Path]:
     return {"corpus": dataset.corpus_path, "queries": dataset.queries_path}
 
 
+def check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be written before any work is done (its nearest existing folder decides)."""
+    ancestor = out.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if ancestor != out.absolute() and not ancestor.is_dir():
+        raise UserError(f"--out {out}: {ancestor} is a file, not a folder; choose another --out")
+    if not os.access(ancestor if ancestor.is_dir() else ancestor.parent, os.W_OK):
+        raise UserError(f"--out {out}: {ancestor} is not writable; choose another --out")
+
+
 def _existing(out: Path, wanted: dict) -> Store | None:
     """The store already at `out`, refused early (before the model loads) if it was made differently."""
     if not (out / "zarr.json").is_file():
@@ -69,6 +81,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
     ids = {section: read_ids(path) for section, path in paths.items()}
     folder = resolve_model(cfg.model)
     out = Path(cfg.out) if cfg.out else default_store_path(dataset.name, folder)
+    check_writable(out)
     sha = weights_sha256(folder)
     files = dataset.file_hashes()
     layout = {"shard_rows": cfg.shard_rows, "chunk_rows": cfg.chunk_rows}

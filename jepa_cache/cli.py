@@ -147,31 +147,40 @@ def train_heads_cmd(
     pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pairs/triples of ids instead of qrels: JSONL or Parquet with query_id, doc_id[, negative_id]."),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Train on a seeded random subset of this many pairs."),
     strategy: str = typer.Option("frozen-predictor", "--strategy", help="frozen-predictor (projection + predictor, full loss) or frozen-isotropy (projection only)."),
-    preset: str = typer.Option("default", "--preset", help="default, or study (the study's heads and loss, for a faithful comparison)."),
-    output_dim: Optional[int] = typer.Option(None, "--output-dim", help="Width of the heads' output [preset: 512]."),
-    projection: Optional[str] = typer.Option(None, "--projection", help="linear | residual | mlp [default: linear; study: mlp]."),
-    predictor: Optional[str] = typer.Option(None, "--predictor", help="residual | mlp | none [default: residual; study: mlp]."),
-    init: Optional[str] = typer.Option(None, "--init", help="Projection init: pca | orthogonal | identity | random [default: pca; study: random]."),
+    preset: str = typer.Option("default", "--preset", help="default, best (the recipe that beats vanilla here), or study (the study's heads and loss, for a faithful comparison)."),
+    output_dim: Optional[int] = typer.Option(None, "--output-dim", help="Width of the heads' output (preset: 512)."),
+    projection: Optional[str] = typer.Option(None, "--projection", help="linear | residual | mlp (default: linear; study: mlp)."),
+    predictor: Optional[str] = typer.Option(None, "--predictor", help="residual | mlp | none (default: residual; study: mlp)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Projection init: pca | orthogonal | identity | random (default: pca; study: random)."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout inside the MLPs [0.1]."),
-    similarity: Optional[str] = typer.Option(None, "--similarity", help="Retrieval similarity recorded in the heads: cos | l2 [default: cos; study: l2]."),
-    query_tower: Optional[str] = typer.Option(None, "--query-tower", help="Tower that encodes queries at retrieval: projection | predictor [projection]."),
-    contrastive: Optional[str] = typer.Option(None, "--contrastive", help="infonce | triplet [default: infonce; study: triplet]."),
-    isotropy: Optional[str] = typer.Option(None, "--isotropy", help="sigreg | covariance [default: sigreg; study: covariance]."),
-    predictive: Optional[str] = typer.Option(None, "--predictive", help="Predictive distance: cosine | mse [default: cosine; study: mse]."),
+    similarity: Optional[str] = typer.Option(None, "--similarity", help="Retrieval similarity recorded in the heads: cos | l2 (default: cos; study: l2)."),
+    query_tower: Optional[str] = typer.Option(None, "--query-tower", help="Tower that encodes queries at retrieval: projection | predictor (projection)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="--projection adapter: rank of its W, 0 for a full matrix [0]."),
+    contrastive: Optional[str] = typer.Option(None, "--contrastive", help="infonce | triplet (default: infonce; study: triplet)."),
+    isotropy: Optional[str] = typer.Option(None, "--isotropy", help="sigreg | covariance (default: sigreg; study: covariance)."),
+    predictive: Optional[str] = typer.Option(None, "--predictive", help="Predictive distance: cosine | mse (default: cosine; study: mse)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="InfoNCE temperature [0.05]."),
     margin: Optional[float] = typer.Option(None, "--margin", help="Triplet margin [1.0]."),
     lambda_predictive: Optional[float] = typer.Option(None, "--lambda-predictive", help="Weight of the predictive term [0.5]."),
     lambda_contrastive: Optional[float] = typer.Option(None, "--lambda-contrastive", help="Weight of the contrastive term [0.1]."),
     lambda_isotropy: Optional[float] = typer.Option(None, "--lambda-isotropy", help="Weight of the isotropy term [1.0]."),
     lambda_reg: Optional[float] = typer.Option(None, "--lambda-reg", help="Weight of the variance term [0]."),
-    stopgrad: Optional[bool] = typer.Option(None, "--stopgrad/--no-stopgrad", help="Stop the gradient through the predictive target [on]."),
+    stopgrad: Optional[bool] = typer.Option(None, "--stopgrad/--no-stopgrad", help="Stop the gradient through the predictive target (on)."),
     directions: Optional[int] = typer.Option(None, "--directions", help="SIGReg random directions per step [256]."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the pairs [2]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per step, the in-batch negatives [default: 256; study: 16]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per step, the in-batch negatives (default: 256; study: 16)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate of the heads [5e-4]."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay [0.01]."),
     warmup: Optional[float] = typer.Option(None, "--warmup", help="Fraction of steps of linear warm-up before cosine decay [0.05]."),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max gradient norm, 0 for none [1.0]."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Learning rate after the warm-up: cosine | constant (default: cosine; best: constant)."),
+    sampling: Optional[str] = typer.Option(None, "--sampling", help="An epoch is every pair (pairs) or every query with one positive drawn (queries) (default: pairs; best: queries)."),
+    negatives: Optional[str] = typer.Option(None, "--negatives", help="batch | corpus (every cached document too) | mined (a FAISS-mined hard negative too) (default: batch; best: corpus)."),
+    corpus_negatives: Optional[int] = typer.Option(None, "--corpus-negatives", help="--negatives corpus: documents drawn per step, 0 for the whole corpus [0]."),
+    mine_k: Optional[int] = typer.Option(None, "--mine-k", help="--negatives mined: nearest non-positive documents kept per query [32]."),
+    dev_fraction: Optional[float] = typer.Option(None, "--dev-fraction", help="Seeded fraction of the training queries held out and scored every epoch (default: 0; best: 0.2)."),
+    select: Optional[str] = typer.Option(None, "--select", help="Keep the last epoch, or the one with the best dev NDCG@10 (dev; epoch 0 = the initial heads) (default: last; best: dev)."),
+    refit: Optional[bool] = typer.Option(None, "--refit/--no-refit", help="After --select dev, retrain on all training queries for the chosen epochs (best: on)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the init, the shuffle, dropout and SIGReg's directions."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     live: bool = typer.Option(False, "--live", help="Reference loop: encode every batch's texts through the frozen encoder (slow)."),
@@ -189,7 +198,9 @@ def train_heads_cmd(
         query_tower=query_tower, contrastive=contrastive, isotropy=isotropy, predictive=predictive, temperature=temperature,
         margin=margin, lambda_predictive=lambda_predictive, lambda_contrastive=lambda_contrastive,
         lambda_isotropy=lambda_isotropy, lambda_reg=lambda_reg, use_stopgrad=stopgrad, directions=directions, epochs=epochs,
-        batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, seed=seed,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, seed=seed, rank=rank,
+        schedule=schedule, sampling=sampling, negatives=negatives, corpus_negatives=corpus_negatives, mine_k=mine_k,
+        dev_fraction=dev_fraction, select=select, refit=refit,
         device=device, live=live, model=model, overwrite=overwrite,
     ), log=typer.echo)
 
@@ -208,6 +219,70 @@ def run(
     from .pipeline import Runner, load_recipe
 
     Runner(load_recipe(recipe), runs_dir=runs_dir, encode=encode, log=typer.echo).run()
+
+
+@app.command("train-live")
+def train_live_cmd(
+    strategy: str = typer.Option(..., "--strategy", help="full (encoder fine-tuned with the heads), hybrid (heads on the cache, then the "
+                                 "encoder unfrozen if validation allows) or frozen-live (frozen encoder run every step)."),
+    store: Path = typer.Option(..., "--store", help="Store of the training dataset, made by the encoder to start from (pairs, PCA init, phase 1)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset for the texts and qrels (name or folder; default: the store's)."),
+    data_dir: Optional[Path] = DataDirOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="The encoder to start from (default: the one recorded in the store; must match it)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/live/<dataset>/<strategy>-<preset>-s<seed>)."),
+    train_split: str = typer.Option("train", "--train-split", help="qrels split whose pairs are trained on."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pairs/triples of ids instead of qrels (JSONL or Parquet)."),
+    max_train_pairs: Optional[int] = typer.Option(None, "--max-train-pairs", help="Train on a seeded random subset of this many pairs (quick CPU runs)."),
+    preset: str = typer.Option("default", "--preset", help="Heads and loss preset, as train-heads: default or study."),
+    output_dim: Optional[int] = typer.Option(None, "--output-dim", help="Width of the heads' output [preset: 512]."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the pairs (full; hybrid phase 1) [preset: 2]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per step [default: 256; study: 16]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Heads' rate with the encoder frozen (frozen-live, hybrid phase 1) [preset: 5e-4]."),
+    encoder_lr: float = typer.Option(2e-5, "--encoder-lr", help="full: the encoder's AdamW rate."),
+    head_lr: Optional[float] = typer.Option(None, "--head-lr", help="Heads' rate while the encoder trains [full: 1e-3, the study's; hybrid phase 2: --lr]."),
+    phase2_encoder_lr: float = typer.Option(1e-6, "--phase2-encoder-lr", help="hybrid: the unfrozen encoder's rate in phase 2."),
+    phase2_epochs: Optional[int] = typer.Option(None, "--phase2-epochs", help="hybrid: passes in phase 2 [--epochs]."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="hybrid: phase 2 only if phase-1 validation NDCG@10 >= this "
+                                              "[default: the vanilla encoder's NDCG@10 on the same queries]."),
+    val_split: str = typer.Option("dev", "--val-split", help="hybrid: qrels split to validate on; without it, --val-fraction of the training queries is held out."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="hybrid: share of training queries held out (seeded by --val-seed) when there is no --val-split."),
+    val_seed: int = typer.Option(0, "--val-seed", help="hybrid: seed of the held-out slice (fixed across training seeds)."),
+    no_dropout: bool = typer.Option(False, "--no-dropout", help="Run the training encoder in eval mode (no dropout; deterministic)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute encoder activations in backward (less memory, more compute)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the heads' init, the shuffle, dropout and SIGReg's directions."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a result already in --out."),
+) -> None:
+    """Train through the encoder: full fine-tune, the two-phase hybrid, or the frozen-live reference (same heads, loss and loop)."""
+    from .config import LiveConfig, TrainConfig
+    from .live import train_live
+
+    train_live(LiveConfig(
+        train=TrainConfig(store=str(store), out=str(out) if out else None, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
+                          train_split=train_split, pairs=str(pairs) if pairs else None, max_pairs=max_train_pairs, preset=preset,
+                          output_dim=output_dim, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, model=model,
+                          overwrite=overwrite),
+        strategy=strategy, encoder_lr=encoder_lr, head_lr=head_lr, phase2_encoder_lr=phase2_encoder_lr, phase2_epochs=phase2_epochs,
+        threshold=threshold, val_split=val_split, val_fraction=val_fraction, val_seed=val_seed, encoder_dropout=not no_dropout,
+        gradient_checkpointing=gradient_checkpointing,
+    ), log=typer.echo)
+
+
+@app.command()
+def export(
+    heads: Path = typer.Option(..., "--heads", help="Trained heads folder (train-heads output)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the sentence-transformers model to."),
+    model: Optional[str] = typer.Option(None, "--model", help="The encoder (default: the one recorded with the heads; its weights must match)."),
+    query_tower: Optional[str] = typer.Option(None, "--query-tower", help="projection | predictor: how encode_query runs (default: the heads' own)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Write encoder + heads as a sentence-transformers folder: encode_query / encode_document give eval's vectors.
+
+    Load it with SentenceTransformer(DIR, trust_remote_code=True) where jepa-cache is installed.
+    """
+    from .export import export as run_export
+
+    run_export(heads, out, model=model, query_tower=query_tower, overwrite=overwrite, log=typer.echo)
 
 
 def main() -> None:

@@ -94,6 +94,7 @@ class TrainConfig:
     init: str | None = None
     similarity: str | None = None
     query_tower: str | None = None
+    rank: int | None = None  # projection adapter: rank of its W (0: full)
     # loss
     contrastive: str | None = None
     isotropy: str | None = None
@@ -113,6 +114,16 @@ class TrainConfig:
     weight_decay: float | None = None
     warmup: float | None = None  # fraction of the steps with a linear warm-up; then cosine decay
     grad_clip: float | None = None  # max gradient norm; 0 = no clipping
+    schedule: str | None = None  # cosine (decay to 0 after the warm-up) | constant
+    # what a step sees
+    sampling: str | None = None  # pairs (an epoch = every pair) | queries (an epoch = every query, one positive drawn)
+    negatives: str | None = None  # batch | corpus (also every cached document) | mined (also a FAISS-mined hard negative)
+    corpus_negatives: int | None = None  # negatives=corpus: documents drawn per step; 0 = the whole corpus
+    mine_k: int | None = None  # negatives=mined: nearest non-positive documents kept per query
+    # choosing the epoch on held-out training queries
+    dev_fraction: float | None = None  # seeded slice of the training queries held out as dev; 0 = none
+    select: str | None = None  # last | dev (keep the epoch, 0 = the initial heads, with the best dev NDCG@10)
+    refit: bool | None = None  # with select=dev: retrain on all training queries for the chosen epochs
     seed: int = 0
     device: str = "auto"
     # the live reference loop: encode each batch's texts through the frozen encoder
@@ -120,3 +131,26 @@ class TrainConfig:
     model: str | None = None  # live encoder; default: the one recorded in the store
     encode_batch_size: int = 32
     overwrite: bool = False
+
+
+@dataclass
+class LiveConfig:
+    """Live-encoder training (`train-live`): the heads as `train` says, plus what the encoder does.
+
+    `train` is a stage-2 config (store, pairs, preset, heads, loss, epochs, batch, `lr`, seed, device,
+    out); its `lr` is the heads' rate while the encoder is frozen (frozen-live, hybrid phase 1).
+    Fields left None are resolved by `live.resolve_live` and recorded resolved in live.json.
+    """
+
+    train: TrainConfig
+    strategy: str = "full"  # full | hybrid | frozen-live
+    encoder_lr: float = 2e-5  # full: the encoder's AdamW rate
+    head_lr: float | None = None  # heads while the encoder trains; default 1e-3 for full (the study's), train.lr for hybrid phase 2
+    phase2_encoder_lr: float = 1e-6  # hybrid phase 2: the unfrozen encoder's rate
+    phase2_epochs: int | None = None  # default: train.epochs
+    threshold: float | None = None  # hybrid: phase 2 runs only if phase-1 validation NDCG@10 >= this; default: vanilla's
+    val_split: str = "dev"  # hybrid validation qrels; without that split, a seeded slice of the training queries is held out
+    val_fraction: float = 0.1
+    val_seed: int = 0
+    encoder_dropout: bool = True  # a training encoder in train mode (dropout); False: eval mode, deterministic
+    gradient_checkpointing: bool = False

@@ -21,6 +21,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -71,6 +72,21 @@ def _open(url: str, headers: dict[str, str] | None = None):
         raise UserError(f"{url}: unreachable ({reason})") from None
 
 
+def _blocks(resp, url: str) -> Iterator[bytes]:
+    """The body in blocks; a connection that closes early ends it (the caller compares the byte count)."""
+    while True:
+        try:
+            block = resp.read(_BLOCK)
+        except http.client.IncompleteRead as e:
+            yield e.partial
+            return
+        except (TimeoutError, OSError) as e:
+            raise UserError(f"{url}: download interrupted ({e}); run again") from None
+        if not block:
+            return
+        yield block
+
+
 def fetch_url(
     url: str,
     dest: Path,
@@ -84,26 +100,20 @@ def fetch_url(
     from tqdm.auto import tqdm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")  # open(): the umask's mode, not mkstemp's 0600
     digests = {name: hashlib.new(name) for name, want in (("md5", md5), ("sha256", sha256)) if want}
     try:
-        with _open(url, headers) as resp, os.fdopen(fd, "wb") as out:
+        with _open(url, headers) as resp, open(tmp, "xb") as out:
             length = resp.headers.get("Content-Length")
             expected = int(length) if length and length.isdigit() else None
             got = 0
             with tqdm(total=expected or size, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
-                try:
-                    while block := resp.read(_BLOCK):
-                        out.write(block)
-                        for d in digests.values():
-                            d.update(block)
-                        got += len(block)
-                        bar.update(len(block))
-                except http.client.IncompleteRead as e:
-                    got += len(e.partial)
-                except (TimeoutError, OSError) as e:
-                    raise UserError(f"{url}: download interrupted after {got} bytes ({e}); run again") from None
+                for block in _blocks(resp, url):
+                    out.write(block)  # a full disk surfaces here as the OSError it is
+                    for d in digests.values():
+                        d.update(block)
+                    got += len(block)
+                    bar.update(len(block))
         for want in (expected, size):
             if want is not None and got != want:
                 raise UserError(f"{url}: truncated download ({got} of {want} bytes); run again")
@@ -219,7 +229,9 @@ def download_hub_model(repo: str, dest: Path) -> Path:
     wanted = list(_wanted(files))
     if "modules.json" not in wanted and "config.json" not in wanted:
         raise UserError(f"{repo}: the hub repo is not a sentence-transformers or transformers model (no modules.json/config.json)")
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.hub-"))
+    staging = dest.with_name(f".{dest.name}.hub-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     try:
         root = staging.resolve()
         for name in wanted:

@@ -188,7 +188,7 @@ def _validate(cfg: EvalConfig, heads: Any) -> tuple[str, str]:
         raise UserError(f"--index {cfg.index!r}: choose faiss or torch")
     if cfg.block_rows is not None and cfg.block_rows <= 0:
         raise UserError(f"--block-rows {cfg.block_rows}: must be a positive integer")
-    tower = cfg.query_tower or ("predictor" if heads is not None else "vanilla")
+    tower = cfg.query_tower or (heads.config.query_tower if heads is not None else "vanilla")
     if tower not in TOWERS:
         raise UserError(f"--query-tower {tower!r}: choose one of {', '.join(TOWERS)}")
     if heads is None and tower != "vanilla":

@@ -16,6 +16,13 @@ Initialisation decides whether the heads can even match the frozen baseline at s
   geometry as output_dim allows.
 - `identity`: the identity (output_dim == input_dim only): step 0 *is* vanilla retrieval.
 
+The `adapter` projection is `scale · (x + W x + b)` with W (full, or low rank `B A` when
+`rank` > 0) and b zero-initialised: it starts *exactly* at the identity (vanilla retrieval),
+AdamW's weight decay pulls it back towards the identity (not towards the zero map, as it does
+for a `linear` projection), and every update is on the scale of x itself. `scale` is a fixed
+buffer (about unit mean squared output coordinate, SIGReg's scale, rounded to a power of two so
+that step 0 is bit-exactly vanilla after normalisation), which changes no ranking.
+
 The three structured inits also scale the map so that the projected vectors have a mean
 squared coordinate of 1, which is the scale SIGReg's N(0, I) target asks for; a uniform scale
 changes neither cosine nor L2 rankings. Their bias starts at zero. A `residual` predictor (and
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -42,7 +50,7 @@ FORMAT = "jepa-cache/heads"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "heads.safetensors"
 META_FILE = "heads.json"
-PROJECTIONS = ("linear", "residual", "mlp")
+PROJECTIONS = ("linear", "residual", "mlp", "adapter")
 PREDICTORS = ("residual", "mlp", "none")
 INITS = ("pca", "orthogonal", "identity", "random")
 SIMILARITIES = ("cos", "l2")
@@ -55,7 +63,7 @@ class HeadsConfig:
 
     input_dim: int = 768
     output_dim: int = 512
-    projection: str = "linear"  # linear | residual (linear + zero-init MLP) | mlp (the study's)
+    projection: str = "linear"  # linear | residual (linear + zero-init MLP) | mlp (the study's) | adapter (x + Wx, zero-init W)
     projection_hidden: int = 1536
     predictor: str = "residual"  # residual (identity at start) | mlp (the study's) | none
     predictor_hidden: int = 1024
@@ -63,6 +71,7 @@ class HeadsConfig:
     init: str = "pca"  # of the projection's linear map: pca | orthogonal | identity | random
     similarity: str = "cos"  # what retrieval with these heads uses: cos | l2
     query_tower: str = "projection"  # which head encodes queries at retrieval time
+    rank: int = 0  # adapter projection only: rank of W (0: a full input_dim x input_dim matrix)
 
     def validate(self) -> "HeadsConfig":
         for name, value, allowed in (
@@ -78,6 +87,10 @@ class HeadsConfig:
             raise UserError(f"--dropout {self.dropout}: must be in [0, 1)")
         if self.projection == "mlp" and self.init != "random":
             raise UserError(f"--init {self.init}: the study's MLP projection has only the random init; use --projection linear or residual")
+        if self.rank < 0 or (self.rank and self.projection != "adapter"):
+            raise UserError(f"--rank {self.rank}: a non-negative rank, and only with --projection adapter")
+        if self.projection == "adapter" and (self.init != "identity" or self.output_dim != self.input_dim):
+            raise UserError(f"--projection adapter starts at the identity: it needs --init identity and --output-dim {self.input_dim}")
         if self.init == "identity" and self.output_dim != self.input_dim:
             raise UserError(f"--init identity needs --output-dim {self.input_dim} (the encoder's width), not {self.output_dim}")
         if self.init in ("pca", "orthogonal") and self.output_dim > self.input_dim:
@@ -104,6 +117,37 @@ class Residual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + self.branch(x)
+
+
+class Adapter(nn.Module):
+    """`scale · (x + W x + b)` with W and b zero-initialised: exactly the identity (up to `scale`) at step 0.
+
+    W is a full [dim, dim] matrix, or `up @ down` of rank `rank` (`down` random, `up` zero, as in
+    LoRA). Weight decay on W and b decays towards the identity map.
+
+    Shape:
+        x: [N, dim] -> [N, dim]
+    """
+
+    def __init__(self, dim: int, rank: int = 0, scale: float = 1.0):
+        super().__init__()
+        self.rank = rank
+        if rank:
+            self.down = nn.Parameter(torch.randn(rank, dim) / dim**0.5)
+            self.up = nn.Parameter(torch.zeros(dim, rank))
+        else:
+            self.weight = nn.Parameter(torch.zeros(dim, dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def delta(self, x: Tensor) -> Tensor:
+        """W x + b: how far the adapter has moved x."""
+        if self.rank:
+            return (x @ self.down.T) @ self.up.T + self.bias
+        return x @ self.weight.T + self.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * (x + self.delta(x))
 
 
 def structured_weight(init: str, input_dim: int, output_dim: int, init_vectors: Tensor | None) -> Tensor:
@@ -151,6 +195,10 @@ class Heads(nn.Module):
         c = config
         if c.projection == "mlp":
             self.projection: nn.Module = mlp(c.input_dim, c.projection_hidden, c.output_dim, c.dropout)
+        elif c.projection == "adapter":
+            # SIGReg's scale rounded to a power of two, so that step 0 is *bit-exactly* vanilla once normalised
+            scale = float(structured_weight("identity", c.input_dim, c.output_dim, init_vectors)[0, 0]) if initialise else 1.0
+            self.projection = Adapter(c.input_dim, c.rank, 2.0 ** round(math.log2(scale)))
         else:
             linear = nn.Linear(c.input_dim, c.output_dim)
             if c.init != "random" and initialise:
@@ -301,5 +349,6 @@ def describe(heads: Heads) -> str:
     """One line for the log: architecture and trainable parameter counts."""
     c, n = heads.config, heads.parameter_counts()
     predictor = "no predictor" if c.predictor == "none" else f"{c.predictor} predictor {n['predictor']:,}"
-    return (f"heads: {c.projection} projection {c.input_dim}→{c.output_dim} ({c.init} init) {n['projection']:,} params, "
+    kind = f"{c.projection}{f' rank {c.rank}' if c.rank else ''}"
+    return (f"heads: {kind} projection {c.input_dim}→{c.output_dim} ({c.init} init) {n['projection']:,} params, "
             f"{predictor}; {n['total']:,} trainable parameters")

@@ -289,12 +289,21 @@ class JEPASIGRegLoss(nn.Module):
         *,
         positive_mask: Tensor | None = None,
         step: int | None = None,
+        negatives: Tensor | None = None,
+        contrast_query: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss and its weighted parts for one batch.
 
+        Args:
+            negatives: extra candidates for the contrastive term only (e.g. the whole cached
+                corpus, or a sample of it); they take no part in the isotropy and reg terms.
+            contrast_query: what the contrastive term uses as the query (default `query_emb`);
+                the predictor's output when queries are retrieved through the predictor.
+
         Shape:
-            query_emb, doc_emb, predicted_pos: [B, D]; neg_emb: [B, D] or None;
-            positive_mask: [B, B] (or [B, 2B] with neg_emb) bool; returns (scalar, {name: scalar})
+            query_emb, doc_emb, predicted_pos, contrast_query: [B, D]; neg_emb: [B, D] or None;
+            negatives: [M, D] or None; positive_mask: [B, C] bool over the candidates
+            `cat(doc_emb, neg_emb, negatives)` (C = B, 2B, B + M or 2B + M); returns (scalar, {name: scalar})
         """
         if step is None:
             step = self.calls
@@ -306,10 +315,12 @@ class JEPASIGRegLoss(nn.Module):
             parts["predictive"] = self.lambda_predictive * predictive(predicted_pos, target, self.predictive)
         candidates = doc_emb if neg_emb is None else torch.cat([doc_emb, neg_emb])
         if self.lambda_contrastive:
+            contrast = candidates if negatives is None else torch.cat([candidates, negatives])
+            q = query_emb if contrast_query is None else contrast_query
             if self.contrastive == "infonce":
-                term = info_nce(query_emb, candidates, self.temperature, positive_mask)
+                term = info_nce(q, contrast, self.temperature, positive_mask)
             else:
-                term = triplet(query_emb, doc_emb, neg_emb, self.margin, candidates, positive_mask)
+                term = triplet(q, doc_emb, neg_emb, self.margin, contrast, positive_mask)
             parts["contrastive"] = self.lambda_contrastive * term
         embeddings = torch.cat([query_emb, candidates])
         if self.lambda_isotropy:
@@ -323,6 +334,40 @@ class JEPASIGRegLoss(nn.Module):
             parts["reg"] = self.lambda_reg * variance_reg(embeddings)
         loss = sum(parts.values(), zero)
         return loss, {k: v.detach() for k, v in parts.items()}
+
+
+def effective_rank(x: Tensor) -> float:
+    """exp(entropy) of the normalised eigenvalues of the (centred) covariance: 1 for a line, D for isotropy.
+
+    Shape:
+        x: [N, D]; returns a float
+    """
+    x = x.double()
+    eig = torch.linalg.eigvalsh(torch.cov(x.T)).clamp_min(0)
+    p = eig / eig.sum()
+    return float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+
+
+def isotropy_stats(x: Tensor, directions: int = 1024, seed: int = 0) -> dict[str, float]:
+    """How isotropic retrieval vectors are, as the index sees them (L2-normalised rows).
+
+    - `effective_rank`: of the covariance (see `effective_rank`); D for an isotropic cloud.
+    - `sigreg`: the Epps-Pulley statistic / N of the rows scaled by sqrt(D) (unit-sphere
+      vectors times sqrt(D) are close to N(0, I) when isotropic): near 1.05/N for a Gaussian-like
+      cloud, up to ~0.4 for a collapsed one; comparable across sizes.
+    - `top1_share`: fraction of the (uncentred) second moment along the top direction.
+    - `mean_cos`: mean cosine between rows (0 for an isotropic cloud).
+
+    Shape:
+        x: [N, D]; returns {name: float}
+    """
+    z = F.normalize(x.float(), dim=-1)
+    n, d = z.shape
+    stat = sigreg(z * math.sqrt(d), random_directions(d, directions, seed, z.device)) / n
+    second = torch.linalg.eigvalsh((z.T.double() @ z.double()) / n)
+    mean = z.mean(0)
+    return {"effective_rank": effective_rank(z), "sigreg": float(stat), "top1_share": float(second[-1] / second.sum()),
+            "mean_cos": float((n * mean.square().sum() - 1) / (n - 1))}
 
 
 def first_nonfinite(parts: dict[str, Tensor]) -> str | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import EvalConfig, ImportConfig, TrainConfig
+from .config import EvalConfig, ImportConfig, LiveConfig, TrainConfig
 from .errors import UserError
 from .files import atomic_write_bytes, atomic_write_json, canonical_hash, read_json
 from .models import DEFAULT_MODEL
@@ -25,6 +25,7 @@ KINDS = ("vanilla", "frozen-isotropy", "frozen-predictor", "full", "hybrid")
 LIVE_KINDS = ("full", "hybrid")
 VECTORS = ("reference", "build")
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"store", "out", "dataset", "data_dir", "train_split", "seed", "strategy", "overwrite"}
+_LIVE_FIELDS = {f.name for f in fields(LiveConfig)} - {"train", "strategy"}  # options of the live kinds too
 
 
 @dataclass
@@ -88,7 +89,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         if kind not in KINDS:
             raise UserError(f"{path}: {where}.kind = {kind!r} is not a strategy; choose one of {', '.join(KINDS)}")
         options = _expect(path, f"{where}.options", s.get("options", {}), dict, "TrainConfig overrides")
-        if bad := set(options) - _TRAIN_FIELDS:
+        if bad := set(options) - _TRAIN_FIELDS - (_LIVE_FIELDS if kind in LIVE_KINDS else set()):
             raise UserError(f"{path}: {where}.options: unknown setting(s) {', '.join(sorted(bad))}")
         seeds = _expect(path, f"{where}.seeds", s.get("seeds", [0]), list, "a list of integers")
         if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
@@ -123,8 +124,25 @@ class Runner:
         self.reused = self.computed = 0
 
     # -- stage 1 ---------------------------------------------------------------------------------
-    def store(self, dataset: str):
-        """The dataset's store: imported from reference vectors when allowed and present, else built."""
+    def store(self, dataset: str, encoder: Path | None = None):
+        """The dataset's store: imported from reference vectors when allowed and present, else built.
+
+        With `encoder` (a fine-tuned folder), the store that encoder builds, under
+        runs/<name>/stores/<dataset>/<its weights' sha256>.
+        """
+        if encoder is not None:
+            from .build import build  # noqa: PLC0415
+            from .config import BuildConfig  # noqa: PLC0415
+            from .models import weights_sha256  # noqa: PLC0415
+            from .store import open_store  # noqa: PLC0415
+
+            out = self.root / "stores" / dataset / weights_sha256(encoder)[:12]
+            if (out / "zarr.json").is_file() and open_store(out, require_complete=False).complete:
+                self.reused += 1
+                return open_store(out)
+            self.log(f"[{dataset}] encoding with the fine-tuned encoder {encoder}")
+            self.computed += 1
+            return build(BuildConfig(dataset=dataset, model=str(encoder), out=str(out), data_dir=self.recipe.data_dir), log=self.log)
         if dataset in self.stores:
             return self.stores[dataset]
         from .build import build, default_store_path  # noqa: PLC0415
@@ -176,11 +194,34 @@ class Runner:
         self.computed += 1
         return out
 
+    def live(self, strategy: Strategy, seed: int) -> tuple[Path, Path | None]:
+        """Train (or reuse) one live strategy and seed: its heads folder, and its encoder when that changed."""
+        from .live import SUMMARY_FILE, resolve_live, train_live  # noqa: PLC0415
+
+        store = self.store(self.recipe.train_dataset)
+        train_options = {k: v for k, v in strategy.options.items() if k in _TRAIN_FIELDS}
+        cfg = resolve_live(LiveConfig(
+            train=TrainConfig(store=str(store.path), dataset=self.recipe.train_dataset, data_dir=self.recipe.data_dir,
+                              train_split=self.recipe.train_split, preset=strategy.preset, seed=seed, **train_options),
+            strategy=strategy.kind, **{k: v for k, v in strategy.options.items() if k not in _TRAIN_FIELDS}))
+        key = canonical_hash({"config": {**vars(cfg), "train": {k: v for k, v in vars(cfg.train).items() if k not in ("out", "store")}},
+                              "store": store.fingerprint})[:12]
+        out = self.root / "live" / f"{strategy.name}-s{seed}-{key}"
+        if (out / SUMMARY_FILE).is_file():
+            self.reused += 1
+        else:
+            self.log(f"[{strategy.name} seed {seed}] train-live {strategy.kind} on {self.recipe.train_dataset}/{self.recipe.train_split}")
+            cfg.train.out, cfg.train.overwrite = str(out), True
+            train_live(cfg, log=self.log)
+            self.computed += 1
+        encoder = read_json(out / SUMMARY_FILE)["encoder"]
+        return out, Path(encoder["path"]) if encoder["changed"] else None
+
     # -- stage 3 ---------------------------------------------------------------------------------
-    def evaluate(self, strategy: Strategy, seed: int | None, heads: Path | None, dataset: str) -> dict:
+    def evaluate(self, strategy: Strategy, seed: int | None, heads: Path | None, dataset: str, encoder: Path | None = None) -> dict:
         from .evaluate import evaluate  # noqa: PLC0415
 
-        store = self.store(dataset)
+        store = self.store(dataset, encoder)
         heads_fp = read_json(heads / "heads.json")["weights"]["sha256"] if heads else None
         cfg = EvalConfig(datasets=[dataset], split=self.recipe.eval_split, store=str(store.path), model=self.recipe.model,
                          data_dir=self.recipe.data_dir, heads=str(heads) if heads else None,
@@ -201,22 +242,23 @@ class Runner:
         r = self.recipe
         rows = []
         for strategy in r.strategies:
-            if strategy.kind in LIVE_KINDS:
-                # NOT DONE: live strategies (issue 6) are not wired into pipelines yet; run `jepa-cache train-live`.
-                raise UserError(f"strategy {strategy.name!r} ({strategy.kind}) needs live-encoder mode, which pipelines do not run yet")
             seeds = [None] if strategy.kind == "vanilla" else strategy.seeds
             for seed in seeds:
-                heads = None if strategy.kind == "vanilla" else self.heads(strategy, seed)
+                encoder = None  # a live strategy that changed the encoder is scored on stores that encoder builds
+                if strategy.kind in LIVE_KINDS:
+                    heads, encoder = self.live(strategy, seed)
+                else:
+                    heads = None if strategy.kind == "vanilla" else self.heads(strategy, seed)
                 meta = read_json(heads / "heads.json") if heads else {}
                 for dataset in r.eval_datasets:
-                    result = self.evaluate(strategy, seed, heads, dataset)
+                    result = self.evaluate(strategy, seed, heads, dataset, encoder)
                     one = result["datasets"][dataset]
                     rows.append({
                         "strategy": strategy.name, "kind": strategy.kind, "seed": seed, "dataset": dataset,
                         "in_domain": dataset == r.train_dataset, "metrics": one["metrics"],
                         "per_query": one["files"]["per_query"], "store_source": one["store"]["source"],
                         "heads": str(heads) if heads else None,
-                        "trainable_params": meta["parameters"]["total"] if meta else 0,
+                        "trainable_params": meta.get("training", {}).get("trainable_parameters", meta["parameters"]["total"]) if meta else 0,
                         "train_seconds": meta.get("training", {}).get("seconds", 0.0) if meta else 0.0,
                     })
         from .report import write_report  # noqa: PLC0415

@@ -7,6 +7,7 @@ as a win.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -123,6 +124,7 @@ def plot_spectra(path: Path, spectra: dict[str, np.ndarray]) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, eig in spectra.items():
         ax.semilogy(eig / eig.sum(), label=name, lw=1)
+    ax.set_ylim(bottom=1e-7)  # normalised vectors leave one ~0 eigenvalue; don't let it squash the plot
     ax.set_xlabel("component")
     ax.set_ylabel("share of variance")
     ax.legend(fontsize=7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import re
 import shutil
@@ -233,3 +234,21 @@ def test_scifact_sample_matches_reference_vectors(tmp_path):
         got = store.section(section)
         cos = cosines(got.vectors(), np.asarray(ref[[row[i] for i in got.ids]]))
         assert cos.min() >= 0.9999, (section, float(cos.min()))
+
+
+def test_unwritable_out_and_full_disk_are_one_clear_line(tiny_model, tiny_beir, tmp_path, cli, monkeypatch):
+    (tmp_path / "a-file").write_text("x")
+    args = ["build", "--dataset", str(tiny_beir), "--model", str(tiny_model), "--shard-rows", "16", "--chunk-rows", "8"]
+    code, err = cli(args + ["--out", str(tmp_path / "a-file" / "s")])
+    assert code == 2 and err == f"error: --out {tmp_path / 'a-file' / 's'}: {tmp_path / 'a-file'} is a file, not a folder; choose another --out\n"
+
+    def disk_full(self, section, index, vectors):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path / section / "emb"))
+
+    real_write = StoreWriter.write_shard
+    monkeypatch.setattr(StoreWriter, "write_shard", disk_full)
+    code, err = cli(args + ["--out", str(tmp_path / "s")])
+    assert code == 2 and err.splitlines()[-1] == f"error: {tmp_path / 's' / 'corpus' / 'emb'}: No space left on device (rerun with --debug for the traceback)"
+    monkeypatch.setattr(StoreWriter, "write_shard", real_write)
+    code, err = cli(args + ["--out", str(tmp_path / "s")])  # space freed: the same command finishes the store
+    assert code == 0 and verify_store(tmp_path / "s") == []

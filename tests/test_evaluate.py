@@ -4,6 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import types
+
 import pytest
 import pytrec_eval
 
@@ -28,6 +30,7 @@ class FakeHeads:
         self.projection = torch.randn(DIM, dim_out, generator=g)
         self.predictor = torch.randn(dim_out, dim_out, generator=g)
         self.encoder_fingerprint, self.similarity, self.fingerprint = encoder_fingerprint, similarity, "fakeheads-fp"
+        self.config = types.SimpleNamespace(query_tower="predictor")
 
     def encode_documents(self, x):
         return x @ self.projection

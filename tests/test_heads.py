@@ -1,6 +1,9 @@
 """Heads: the study's exact sizes, what each init keeps of the encoder's geometry, save/load without pickle."""
 
 import json
+import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +136,44 @@ def test_no_predictor_tower_without_a_predictor():
     assert heads.predictor is None and heads.parameter_counts()["predictor"] == 0
     with pytest.raises(UserError, match="no predictor"):
         heads.encode_queries(_unit(2, 8), tower="predictor")
+
+
+def test_adapter_starts_bit_exactly_at_the_identity_and_saves():
+    x = _unit(30, 32)
+    heads = Heads(HeadsConfig(input_dim=32, output_dim=32, projection="adapter", init="identity", predictor="residual",
+                              predictor_hidden=8), x)
+    scale = float(heads.projection.scale)
+    assert scale == 2.0 ** round(math.log2(32**0.5))  # SIGReg's scale, rounded to a power of two
+    assert torch.equal(heads.encode_documents(x), scale * x)  # exact: no rounding anywhere
+    assert torch.equal(F.normalize(heads.encode_queries(x, "predictor"), dim=1), F.normalize(x, dim=1))
+    assert heads.parameter_counts()["projection"] == 32 * 32 + 32
+    low = Heads(HeadsConfig(input_dim=32, output_dim=32, projection="adapter", init="identity", rank=4, predictor="none"), x)
+    assert low.parameter_counts()["projection"] == 2 * 32 * 4 + 32
+    assert torch.equal(low.encode_documents(x), float(low.projection.scale) * x)  # the up matrix starts at zero
+    torch.nn.init.normal_(heads.projection.weight, std=0.1)
+    with torch.no_grad():
+        low.projection.up.normal_()
+    for h in (heads, low):
+        save_heads(h, Path(tempfile.mkdtemp()) / "h")
+    for h in (heads, low):
+        folder = Path(tempfile.mkdtemp()) / "h"
+        save_heads(h, folder)
+        assert torch.equal(load_heads(folder).encode_documents(x), h.encode_documents(x))
+
+
+def test_weight_decay_pulls_the_adapter_back_to_the_identity():
+    heads = Heads(HeadsConfig(input_dim=8, output_dim=8, projection="adapter", init="identity", predictor="none"))
+    torch.nn.init.normal_(heads.projection.weight)
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=0.1, weight_decay=5.0)
+    for _ in range(50):
+        optimizer.zero_grad()
+        (0 * heads(torch.ones(1, 8)).sum()).backward()
+        optimizer.step()
+    assert heads.projection.weight.abs().max() < 1e-3  # W -> 0 is x -> x, not the zero map
+
+
+@pytest.mark.parametrize("bad", [dict(projection="adapter", init="pca"), dict(projection="adapter", init="identity", output_dim=16),
+                                 dict(projection="linear", rank=4), dict(projection="adapter", init="identity", rank=-1)])
+def test_adapter_configs_that_cannot_start_at_the_identity(bad):
+    with pytest.raises(UserError, match="adapter|rank"):
+        Heads(HeadsConfig(**{"input_dim": 32, "output_dim": 32, **bad}), _unit(40, 32))

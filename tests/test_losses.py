@@ -178,3 +178,31 @@ def test_importable_from_the_package():
     loss, parts = FromPackage(lambda_predictive=0.5, lambda_contrastive=0.1, lambda_isotropy=1.0, lambda_reg=0.0,
                               use_stopgrad=True)(torch.randn(8, 4), torch.randn(8, 4), predicted_pos=torch.randn(8, 4))
     assert math.isfinite(float(loss)) and set(parts) == {"predictive", "contrastive", "isotropy", "reg"}
+
+
+def test_extra_negatives_join_the_softmax_but_not_the_isotropy_term():
+    gen = torch.Generator().manual_seed(3)
+    q, d, extra = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen), torch.randn(10, 8, generator=gen)
+    with_extra = JEPASIGRegLoss(0.0, 1.0, 1.0, temperature=0.1)
+    loss, parts = with_extra(q, d, negatives=extra, step=0)
+    assert float(parts["contrastive"]) == pytest.approx(float(info_nce(q, torch.cat([d, extra]), 0.1)), rel=1e-6)
+    _, alone = JEPASIGRegLoss(0.0, 1.0, 1.0, temperature=0.1)(q, d, step=0)
+    assert float(parts["isotropy"]) == pytest.approx(float(alone["isotropy"]), rel=1e-6)
+    assert float(parts["contrastive"]) > float(alone["contrastive"])  # more negatives, a harder softmax
+    # contrast_query: the predictor's output is the query of the contrastive term
+    p = torch.randn(4, 8, generator=gen)
+    _, via = JEPASIGRegLoss(0.0, 1.0, 0.0, temperature=0.1)(q, d, contrast_query=p)
+    assert float(via["contrastive"]) == pytest.approx(float(info_nce(p, d, 0.1)), rel=1e-6)
+
+
+def test_isotropy_stats_tell_a_cone_from_a_sphere():
+    from jepa_cache.losses import effective_rank, isotropy_stats
+
+    gen = torch.Generator().manual_seed(4)
+    sphere = torch.randn(2000, 64, generator=gen)
+    cone = sphere * 0.85 ** torch.arange(64.0) + 1.0  # anisotropic and off-centre, like encoder vectors
+    iso, aniso = isotropy_stats(sphere), isotropy_stats(cone)
+    assert iso["effective_rank"] > 55 and aniso["effective_rank"] < iso["effective_rank"] / 2
+    assert abs(iso["mean_cos"]) < 0.01 and aniso["mean_cos"] > 0.5
+    assert iso["sigreg"] < 0.01 < aniso["sigreg"] and iso["top1_share"] < aniso["top1_share"]
+    assert effective_rank(torch.randn(100, 1, generator=gen) @ torch.randn(1, 16, generator=gen)) == pytest.approx(1.0, abs=1e-3)

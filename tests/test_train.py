@@ -12,7 +12,19 @@ import torch.nn.functional as F
 from jepa_cache.config import TrainConfig
 from jepa_cache.errors import UserError
 from jepa_cache.heads import load_heads
-from jepa_cache.train import PRESETS, CachedSource, PairIndex, Pairs, build_criterion, build_heads, fit, resolve_config, train
+from jepa_cache.losses import JEPASIGRegLoss
+from jepa_cache.train import (
+    PRESETS,
+    CachedSource,
+    PairIndex,
+    Pairs,
+    build_criterion,
+    build_heads,
+    fit,
+    mine_negatives,
+    resolve_config,
+    train,
+)
 
 QUIET = dict(log=lambda s: None)
 
@@ -216,3 +228,157 @@ def test_cached_and_live_loops_give_the_same_trajectory(preset, tiny_model, tiny
     for (name, a), b in zip(cached.heads.state_dict().items(), live.heads.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-4), name
     assert live.heads.meta["training"]["live"] is True and cached.heads.meta["training"]["live"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# The `best` recipe's options: corpus/mined negatives, query epochs, the dev slice
+
+
+def test_corpus_negatives_mask_every_other_positive_and_match_a_full_softmax():
+    # query 0 has documents 1 and 4, query 1 has document 4, query 2 has document 0; a corpus of 6
+    pairs = Pairs(np.array([0, 0, 1, 2]), np.array([1, 4, 4, 0]), None, "test")
+    index = PairIndex.build(pairs, torch.device("cpu"), corpus_rows=6)
+    assert index.doc_rows.tolist() == list(range(6)) and index.d.tolist() == [1, 4, 4, 0]  # local index == store row
+    mask = index.positive_mask(index.q[:2], torch.arange(6))
+    assert mask.tolist() == [[False, True, False, False, True, False]] * 2
+    # the loss of the loop: candidates = batch positives + the corpus; expected: a softmax over the corpus in which
+    # the target is kept and the query's other positives are removed
+    gen = torch.Generator().manual_seed(0)
+    zq, zc = torch.randn(2, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    criterion = JEPASIGRegLoss(0.0, 1.0, 0.0, temperature=0.1)
+    bq, bd = index.q[:2], index.d[:2]  # (q0, d1) and (q0, d4)
+    full_mask = index.positive_mask(bq, torch.cat([bd, torch.arange(6)]))
+    loss, _ = criterion(zq[bq], zc[bd], None, None, positive_mask=full_mask, negatives=zc)
+    logits = F.normalize(zq[bq], dim=1) @ F.normalize(zc, dim=1).T / 0.1
+    expected = []
+    for i, target in enumerate(bd.tolist()):
+        keep = [j for j in range(6) if j == target or not mask[i, j]]
+        expected.append(torch.logsumexp(logits[i, keep], 0) - logits[i, target])
+    assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+
+
+def test_same_id_document_is_never_a_negative():
+    pairs = Pairs(np.array([0, 1]), np.array([2, 3]), None, "test")
+    index = PairIndex.build(pairs, torch.device("cpu"), corpus_rows=5, same_id={0: 4})
+    assert index.positive_mask(index.q, torch.arange(5)).tolist() == [[False, False, True, False, True],
+                                                                       [False, False, False, True, False]]
+
+
+def test_query_epochs_visit_every_query_once_with_one_of_its_positives():
+    q = np.repeat(np.arange(5), [1, 3, 10, 2, 1])
+    d = np.arange(len(q)) + 100
+    index = PairIndex.build(Pairs(q, d, None, "test"), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(60):
+        order = index.epoch_order(gen, "queries")
+        assert sorted(index.q[order].tolist()) == list(range(5))  # each query exactly once
+        seen.update(order.tolist())
+    assert seen == set(range(len(q)))  # every positive gets drawn in time
+    assert index.items("queries") == 5 and index.items("pairs") == len(q)
+    assert sorted(index.epoch_order(gen, "pairs").tolist()) == list(range(len(q)))
+
+
+def test_mined_negatives_are_the_nearest_non_positives():
+    docs = _unit(30, 16, 5)
+    queries = torch.from_numpy(docs[:4] + 0.01)  # each query sits next to documents 0..3
+    pairs = Pairs(np.array([0, 1, 1, 2, 3]), np.array([0, 1, 2, 2, 3]), None, "test")
+    index = PairIndex.build(pairs, torch.device("cpu"), corpus_rows=30)
+    cfg = resolve_config(TrainConfig(store="", preset="best", output_dim=16))
+    heads = build_heads(cfg, 16, torch.from_numpy(docs))
+    mined = mine_negatives(heads, CachedSource(queries, torch.from_numpy(docs)), index, k=5)
+    assert mined.shape == (4, 5)
+    scores = F.normalize(queries, dim=1) @ torch.from_numpy(docs).T
+    for i in range(4):
+        positives = set(index.d[index.q == i].tolist())
+        assert not positives & set(mined[i].tolist())
+        expected = [j for j in scores[i].argsort(descending=True).tolist() if j not in positives][:5]
+        assert mined[i].tolist() == expected
+
+
+def test_dev_slice_is_the_same_for_every_seed_and_disjoint_from_training():
+    pairs = Pairs(np.repeat(np.arange(20), 2), np.arange(40), None, "test")
+    train_part, dev_part = pairs.hold_out(0.25)
+    assert len(np.unique(dev_part.query_rows)) == 5 and len(train_part) + len(dev_part) == 40
+    assert not set(train_part.query_rows) & set(dev_part.query_rows)
+    assert pairs.hold_out(0.25)[1].query_rows.tolist() == dev_part.query_rows.tolist()
+    with pytest.raises(UserError, match="all"):
+        Pairs(np.array([0]), np.array([0]), None, "test").hold_out(0.5)
+
+
+def test_select_dev_restores_the_best_epoch_even_the_initial_heads(tiny_store):
+    pairs = Pairs(np.arange(12), np.arange(12), None, "test")
+    index = PairIndex.build(pairs, torch.device("cpu"))
+    source = CachedSource(torch.from_numpy(tiny_store.queries.vectors(rows=index.query_rows)),
+                          torch.from_numpy(tiny_store.corpus.vectors(rows=index.doc_rows)))
+    cfg = resolve_config(TrainConfig(store="", preset="best", output_dim=16, predictor_hidden=16))
+    for scores, kept in (([0.5, 0.4, 0.3, 0.2], 0), ([0.1, 0.3, 0.3, 0.2], 1)):
+        torch.manual_seed(0)
+        heads = build_heads(cfg, 16, source.documents(torch.arange(12)))
+        states = []
+
+        def dev(h, it=iter(scores)):
+            states.append({k: v.clone() for k, v in h.state_dict().items()})
+            return next(it)
+
+        result = fit(heads, build_criterion(cfg), source, index, torch.optim.AdamW(heads.parameters(), lr=1e-2),
+                     epochs=3, batch_size=4, seed=0, dev=dev, select="dev", sampling="queries", log=lambda s: None)
+        assert result.dev == scores and result.best_epoch == kept
+        assert all(torch.equal(v, states[kept][k]) for k, v in heads.state_dict().items())
+        assert not all(torch.equal(v, states[-1][k]) for k, v in heads.state_dict().items())
+
+
+def test_identity_adapter_start_is_vanilla_exactly(synthetic_store, tiny_beir, tmp_path):
+    """The `best` heads before any step retrieve exactly what vanilla retrieves: same run, same scores' order, same NDCG."""
+    from jepa_cache.config import EvalConfig
+    from jepa_cache.evaluate import evaluate
+    from jepa_cache.heads import save_heads
+    from jepa_cache.train import store_record
+
+    store = synthetic_store(_unit(40, 16, 0), _unit(12, 16, 1), dataset="tiny")
+    x_q, x_d = torch.from_numpy(store.queries.vectors()), torch.from_numpy(store.corpus.vectors())
+    cfg = resolve_config(TrainConfig(store="", preset="best", output_dim=16, predictor_hidden=16))
+    heads = build_heads(cfg, 16, x_d)
+    for tower in ("projection", "predictor"):
+        assert torch.equal(F.normalize(heads.encode_queries(x_q, tower), dim=1), F.normalize(x_q, dim=1))
+    assert torch.equal(F.normalize(heads.encode_documents(x_d), dim=1), F.normalize(x_d, dim=1))
+    save_heads(heads, tmp_path / "h", {"store": store_record(store)})
+    runs = {}
+    for name, extra in (("vanilla", {}), ("heads", {"heads": str(tmp_path / "h")})):
+        result = evaluate(EvalConfig(datasets=[str(tiny_beir)], store=str(store.path), out=str(tmp_path / name), **extra),
+                          log=lambda s: None)
+        runs[name] = (result["datasets"]["tiny"]["metrics"], pq.read_table(tmp_path / name / "tiny" / "run.parquet").to_pydict())
+    assert runs["heads"][0] == runs["vanilla"][0]
+    assert runs["heads"][1]["doc_id"] == runs["vanilla"][1]["doc_id"]
+
+
+def test_best_preset_trains_with_a_dev_slice_and_refits(tiny_store, tiny_beir, tmp_path):
+    result = train(_cfg(tiny_store, tiny_beir, tmp_path, preset="best", output_dim=16, epochs=3), **QUIET)
+    cfg = result.config
+    assert (cfg.projection, cfg.negatives, cfg.sampling, cfg.select, cfg.refit) == ("adapter", "corpus", "queries", "dev", True)
+    dev = result.dev
+    assert dev["queries"] == 1 and len(dev["ndcg@10"]) == 4 and 0 <= dev["best_epoch"] <= 3  # 6 train queries, 20% held out
+    steps = [json.loads(line) for line in (tmp_path / "heads" / "steps.jsonl").read_text().splitlines()]
+    fit_steps = [s for s in steps if s["phase"] == "fit"]
+    refit_steps = [s for s in steps if s["phase"] == "refit"]
+    assert len(fit_steps) == 3 * 2  # 5 queries, batch 4, 3 epochs
+    assert len(refit_steps) == dev["best_epoch"] * 2  # 6 queries, batch 4
+    meta = load_heads(tmp_path / "heads").meta["training"]
+    assert meta["dev"] == dev and meta["pairs"] == 12
+    for negatives in ("batch", "mined"):
+        r = train(_cfg(tiny_store, tiny_beir, tmp_path / negatives, preset="best", output_dim=16, epochs=1, negatives=negatives,
+                       mine_k=3), **QUIET)
+        assert all(np.isfinite(s["loss"]) for s in r.history)
+
+
+def test_new_options_are_checked():
+    for kw, message in ((dict(negatives="all"), "--negatives"), (dict(sampling="query"), "--sampling"),
+                        (dict(select="dev", dev_fraction=0.0), "dev slice"), (dict(refit=True, select="last"), "--refit"),
+                        (dict(dev_fraction=1.0), "--dev-fraction"), (dict(live=True, negatives="corpus"), "cached training only"),
+                        (dict(corpus_negatives=-1), "--corpus-negatives")):
+        with pytest.raises(UserError, match=message):
+            resolve_config(TrainConfig(store="", preset="best", **kw))
+    # the classic presets keep their behaviour: in-batch negatives, pair epochs, cosine schedule, no dev slice
+    for preset in ("study",):
+        cfg = resolve_config(TrainConfig(store="", preset=preset))
+        assert (cfg.negatives, cfg.sampling, cfg.schedule, cfg.dev_fraction, cfg.refit) == ("batch", "pairs", "cosine", 0.0, False)

@@ -1,0 +1,106 @@
+"""Export round trip: the exported sentence-transformers folder encodes texts as eval scores them, without pickle."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+
+from conftest import minilm_folder, write_beir
+from jepa_cache.build import build
+from jepa_cache.config import BuildConfig, TrainConfig
+from jepa_cache.datasets import corpus_text, find_dataset, iter_records, query_text
+from jepa_cache.export import EXPORT_FILE
+from jepa_cache.heads import load_heads
+from jepa_cache.search import prepare
+from jepa_cache.train import train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second OpenMP thread only adds synchronisation (badly so on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model, tmp_path_factory):
+    """A float32 store of the tiny BEIR set built with the tiny encoder, and the dataset it came from."""
+    root = tmp_path_factory.mktemp("export")
+    beir = write_beir(root / "data" / "tiny")
+    built = build(BuildConfig(dataset=str(beir), model=str(tiny_model), out=str(root / "store"), dtype="float32",
+                              shard_rows=16, chunk_rows=8, batch_size=8), log=lambda s: None)
+    return built, find_dataset(str(beir))
+
+
+def _train(store, out, **kw):
+    built, dataset = store
+    cfg = TrainConfig(store=str(built.path), dataset=str(dataset.root), out=str(out), batch_size=4, epochs=2, device="cpu",
+                      projection_hidden=16, predictor_hidden=16, **kw)
+    train(cfg, log=lambda s: None)
+    return out
+
+
+def _texts(path, text_of):
+    return [text for _, _, text in iter_records(path, text_of)]
+
+
+# default: linear projection + residual predictor, cos; study: MLP + MLP, raw L2;
+# best: the identity-started adapter, whose fixed scale is a buffer that must travel too.
+@pytest.mark.parametrize("preset,kw", [("default", dict(output_dim=16)), ("study", dict(output_dim=16)), ("best", dict(output_dim=32))])
+def test_exported_model_encodes_as_eval_does(preset, kw, store, tmp_path, cli):
+    heads_dir = _train(store, tmp_path / "heads", preset=preset, **kw)
+    heads = load_heads(heads_dir)
+    built, dataset = store
+    docs, queries = _texts(dataset.corpus_path, corpus_text), _texts(dataset.queries_path, query_text)
+    # what eval indexes and searches: store vectors -> heads -> normalised for cos, raw for l2
+    want_docs = prepare(heads.encode_documents(torch.from_numpy(built.corpus.vectors())).numpy(), heads.similarity)
+    encoded = {}
+    for tower in ("projection", "predictor"):
+        out = tmp_path / f"st-{tower}"
+        code, err = cli(["export", "--heads", str(heads_dir), "--out", str(out), "--query-tower", tower])
+        assert code == 0, err
+        model = SentenceTransformer(str(out), trust_remote_code=True, device="cpu")
+        want_queries = prepare(heads.encode_queries(torch.from_numpy(built.queries.vectors()), tower).numpy(), heads.similarity)
+        encoded[tower] = model.encode_query(queries, batch_size=5)
+        np.testing.assert_allclose(encoded[tower], want_queries, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(model.encode_document(docs, batch_size=7), want_docs, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(model.encode(docs[:3]), want_docs[:3], rtol=0, atol=1e-5)  # no task: the document route
+    norms = np.linalg.norm(encoded["projection"], axis=1)
+    assert np.allclose(norms, 1, atol=1e-5) == (heads.similarity == "cos")
+    if preset != "best":  # best's predictor is never trained (lambda_predictive 0): still the identity
+        assert not np.allclose(encoded["projection"], encoded["predictor"], atol=1e-4)  # the routes really differ
+
+
+def test_export_loads_without_pickle(store, tmp_path, cli, monkeypatch):
+    heads_dir = _train(store, tmp_path / "heads", output_dim=16)
+    out = tmp_path / "st"
+    assert cli(["export", "--heads", str(heads_dir), "--out", str(out), "--query-tower", "predictor"])[0] == 0
+    assert (out / EXPORT_FILE).is_file()
+    weights = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".pkl"))
+    assert weights == ["3_Router/query_0_HeadModule/model.safetensors", "3_Router/query_1_HeadModule/model.safetensors", "model.safetensors"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling while loading an exported model")
+
+    for target, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(target, name, refuse)
+    model = SentenceTransformer(str(out), trust_remote_code=True, device="cpu")
+    assert model.encode_query(["protein cell"]).shape == (1, 16)
+
+
+def test_export_refuses_what_eval_would_refuse(store, tmp_path, cli):
+    no_predictor = _train(store, tmp_path / "iso", strategy="frozen-isotropy", output_dim=16)
+    code, err = cli(["export", "--heads", str(no_predictor), "--out", str(tmp_path / "a"), "--query-tower", "predictor"])
+    assert code == 2 and "no predictor" in err
+    code, err = cli(["export", "--heads", str(no_predictor), "--out", str(tmp_path / "b"), "--model", str(minilm_folder())])
+    assert code == 2 and "differ from the encoder these heads were trained on" in err
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "keep.txt").write_text("mine")
+    code, err = cli(["export", "--heads", str(no_predictor), "--out", str(tmp_path / "c")])
+    assert code == 2 and "--overwrite" in err
+    assert cli(["export", "--heads", str(no_predictor), "--out", str(tmp_path / "c"), "--overwrite"])[0] == 0
+    assert not (tmp_path / "c" / "keep.txt").exists() and (tmp_path / "c" / "modules.json").is_file()
