@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Optional
@@ -146,7 +147,7 @@ def train_heads_cmd(
     train_split: str = typer.Option("train", "--train-split", help="qrels split whose (query, document) pairs with score > 0 are trained on."),
     pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pairs/triples of ids instead of qrels: JSONL or Parquet with query_id, doc_id[, negative_id]."),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Train on a seeded random subset of this many pairs."),
-    strategy: str = typer.Option("frozen-predictor", "--strategy", help="frozen-predictor (projection + predictor, full loss) or frozen-isotropy (projection only)."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="frozen-predictor (projection + predictor, full loss) or frozen-isotropy (projection only) (default: the preset's; best: frozen-isotropy)."),
     preset: str = typer.Option("default", "--preset", help="default, best (the recipe that beats vanilla here), or study (the study's heads and loss, for a faithful comparison)."),
     output_dim: Optional[int] = typer.Option(None, "--output-dim", help="Width of the heads' output (preset: 512)."),
     projection: Optional[str] = typer.Option(None, "--projection", help="linear | residual | mlp (default: linear; study: mlp)."),
@@ -181,6 +182,7 @@ def train_heads_cmd(
     dev_fraction: Optional[float] = typer.Option(None, "--dev-fraction", help="Seeded fraction of the training queries held out and scored every epoch (default: 0; best: 0.2)."),
     select: Optional[str] = typer.Option(None, "--select", help="Keep the last epoch, or the one with the best dev NDCG@10 (dev; epoch 0 = the initial heads) (default: last; best: dev)."),
     refit: Optional[bool] = typer.Option(None, "--refit/--no-refit", help="After --select dev, retrain on all training queries for the chosen epochs (best: on)."),
+    interpolate: Optional[float] = typer.Option(None, "--interpolate", help="Final heads = initial + this × (trained − initial), WiSE-FT; 1 keeps them as trained (default: 1)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the init, the shuffle, dropout and SIGReg's directions."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     live: bool = typer.Option(False, "--live", help="Reference loop: encode every batch's texts through the frozen encoder (slow)."),
@@ -200,7 +202,7 @@ def train_heads_cmd(
         lambda_isotropy=lambda_isotropy, lambda_reg=lambda_reg, use_stopgrad=stopgrad, directions=directions, epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, seed=seed, rank=rank,
         schedule=schedule, sampling=sampling, negatives=negatives, corpus_negatives=corpus_negatives, mine_k=mine_k,
-        dev_fraction=dev_fraction, select=select, refit=refit,
+        dev_fraction=dev_fraction, select=select, refit=refit, interpolate=interpolate,
         device=device, live=live, model=model, overwrite=overwrite,
     ), log=typer.echo)
 
@@ -243,7 +245,7 @@ def train_live_cmd(
     phase2_encoder_lr: float = typer.Option(1e-6, "--phase2-encoder-lr", help="hybrid: the unfrozen encoder's rate in phase 2."),
     phase2_epochs: Optional[int] = typer.Option(None, "--phase2-epochs", help="hybrid: passes in phase 2 [--epochs]."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="hybrid: phase 2 only if phase-1 validation NDCG@10 >= this "
-                                              "[default: the vanilla encoder's NDCG@10 on the same queries]."),
+                                              "[default: only if it beats the vanilla encoder's NDCG@10 on the same queries]."),
     val_split: str = typer.Option("dev", "--val-split", help="hybrid: qrels split to validate on; without it, --val-fraction of the training queries is held out."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="hybrid: share of training queries held out (seeded by --val-seed) when there is no --val-split."),
     val_seed: int = typer.Option(0, "--val-seed", help="hybrid: seed of the held-out slice (fixed across training seeds)."),
@@ -285,6 +287,20 @@ def export(
     run_export(heads, out, model=model, query_tower=query_tower, overwrite=overwrite, log=typer.echo)
 
 
+# What to do about the OS errors a user can fix; every command writes atomically and resumes, so rerunning is safe.
+_OS_HINTS = {
+    errno.ENOSPC: "free some space and run the same command again (it resumes; nothing half-written was kept)",
+    errno.EDQUOT: "free some space (disk quota) and run the same command again",
+    errno.EACCES: "check the permissions, or choose another --out",
+    errno.EPERM: "check the permissions, or choose another --out",
+    errno.EROFS: "the file system is read-only; choose another --out",
+    errno.ENOTDIR: "a part of that path is a file, not a folder; choose another path",
+    errno.EISDIR: "that path is a folder; name a file",
+    errno.EEXIST: "a file of that name is in the way; choose another path",
+    errno.ENOENT: "check the path",
+}
+
+
 def main() -> None:
     """Console entry point: a UserError (or an OS error: disk full, permission) becomes one clear line and exit status 2."""
     try:
@@ -301,7 +317,8 @@ def main() -> None:
         if _state["debug"]:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        typer.echo(f"error: {where}{e.strerror or e} (rerun with --debug for the traceback)", err=True)
+        hint = _OS_HINTS.get(e.errno, "rerun with --debug for the traceback")
+        typer.echo(f"error: {where}{e.strerror or e}; {hint}", err=True)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -82,7 +82,7 @@ class TrainConfig:
     train_split: str = "train"
     pairs: str | None = None  # a pairs/triples file of ids (JSONL or Parquet) instead of qrels
     max_pairs: int | None = None  # a seeded subset of the pairs (quick runs, the live benchmark)
-    strategy: str = "frozen-predictor"
+    strategy: str | None = None  # frozen-predictor | frozen-isotropy (projection only); default: the preset's
     preset: str = "default"
     # heads
     output_dim: int | None = None
@@ -124,6 +124,7 @@ class TrainConfig:
     dev_fraction: float | None = None  # seeded slice of the training queries held out as dev; 0 = none
     select: str | None = None  # last | dev (keep the epoch, 0 = the initial heads, with the best dev NDCG@10)
     refit: bool | None = None  # with select=dev: retrain on all training queries for the chosen epochs
+    interpolate: float | None = None  # final heads = initial + interpolate * (trained - initial) (WiSE-FT); 1 = as trained
     seed: int = 0
     device: str = "auto"
     # the live reference loop: encode each batch's texts through the frozen encoder
@@ -148,7 +149,7 @@ class LiveConfig:
     head_lr: float | None = None  # heads while the encoder trains; default 1e-3 for full (the study's), train.lr for hybrid phase 2
     phase2_encoder_lr: float = 1e-6  # hybrid phase 2: the unfrozen encoder's rate
     phase2_epochs: int | None = None  # default: train.epochs
-    threshold: float | None = None  # hybrid: phase 2 runs only if phase-1 validation NDCG@10 >= this; default: vanilla's
+    threshold: float | None = None  # hybrid: phase 2 runs only if phase-1 validation NDCG@10 >= this; default: > vanilla's
     val_split: str = "dev"  # hybrid validation qrels; without that split, a seeded slice of the training queries is held out
     val_fraction: float = 0.1
     val_seed: int = 0

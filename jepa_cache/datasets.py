@@ -120,6 +120,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}: line {lineno}: malformed JSON ({e.msg})") from None
+                except (ValueError, RecursionError) as e:  # an integer of > 4300 digits; arrays nested thousands deep
+                    why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+                    raise UserError(f"{path}: line {lineno}: malformed JSON ({why})") from None
                 if not isinstance(obj, dict):
                     raise UserError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
                 yield lineno, obj
@@ -181,9 +184,11 @@ def read_ids(path: Path) -> list[str]:
 def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     """qrels/<split>.tsv as {query_id: {doc_id: score}} (header optional, CRLF tolerated, graded scores kept)."""
     qrels: dict[str, dict[str, int]] = {}
+    reader = None
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            for lineno, row in enumerate(reader, 1):
                 if not row or all(not c.strip() for c in row):
                     continue
                 if lineno == 1 and row[0].strip().lower() in {"query-id", "query_id", "qid"}:
@@ -202,6 +207,8 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
         raise UserError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 ({e.reason})") from None
+    except csv.Error as e:  # e.g. a field longer than csv's limit: not a qrels file
+        raise UserError(f"{path}: line {reader.line_num if reader else 1}: not a qrels line ({e})") from None
     if not qrels:
         raise UserError(f"{path}: no judgements; the split is empty")
     return qrels

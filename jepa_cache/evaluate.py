@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -22,14 +23,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .build import default_store_path
+from .build import check_writable, default_store_path
 from .config import EvalConfig
 from .datasets import BeirDataset, find_dataset, read_qrels
 from .errors import UserError
 from .files import atomic_path, atomic_write_bytes, atomic_write_json, exclusive_lock
 from .importer import model_folder_name
 from .metrics import score
-from .search import EXACT, check_similarity, recall_vs_exact, top_k
+from .search import EXACT, _faiss, check_similarity, recall_vs_exact, top_k
 from .store import Store, now_iso, open_store, package_versions
 
 TOWERS = ("vanilla", "projection", "predictor")
@@ -86,8 +87,13 @@ def _kept_rows(run: dict[str, list[tuple[str, float]]], row_of: dict[str, int]) 
     return out
 
 
-def _write_outputs(folder: Path, run: dict, per_query: dict, has_vector: set[str], qrels: dict, tag: str) -> dict[str, str]:
+def _write_outputs(folder: Path, run: dict, per_query: dict, has_vector: set[str], qrels: dict, tag: str,
+                   written: list[Path]) -> dict[str, str]:
+    """Write one dataset's files (each atomically), recording in `written` what this run creates, for cleanup on failure."""
+    if not folder.exists():
+        written.append(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    written.extend(folder / f for f in ("per_query.parquet", "run.parquet", "run.trec"))
     names = list(next(iter(per_query.values())).keys())
     qids = list(per_query)
     table = {"query_id": qids, **{n: [per_query[q][n] for q in qids] for n in names},
@@ -105,26 +111,67 @@ def _write_outputs(folder: Path, run: dict, per_query: dict, has_vector: set[str
     return {"per_query": str(folder / "per_query.parquet"), "run": str(folder / "run.parquet"), "trec": str(folder / "run.trec")}
 
 
-def _evaluate_one(dataset: BeirDataset, cfg: EvalConfig, heads: Any, tower: str, similarity: str, out: Path, tag: str,
-                  log: Callable[[str], None]) -> dict:
+@dataclass
+class _Prepared:
+    """One dataset's inputs, opened and checked before anything is written."""
+
+    dataset: BeirDataset
+    qrels: dict[str, dict[str, int]]
+    store: Store
+    with_vector: list[str]  # judged queries with a vector, in store row order
+    no_vector: list[str]
+    absent: list[tuple[str, str]]  # (query, document) qrels whose document is not in the corpus
+    seconds: float
+
+
+def _check_index(spec: str, dim: int, similarity: str) -> None:
+    """Refuse a FAISS factory string that names no index, before any corpus is read."""
+    faiss = _faiss()
+    metric = faiss.METRIC_INNER_PRODUCT if similarity == "cos" else faiss.METRIC_L2
+    try:
+        faiss.index_factory(dim, spec, metric)
+    except RuntimeError as e:
+        raise UserError(f"--faiss-index {spec!r}: not a FAISS index factory string ({str(e).strip().splitlines()[-1]})") from None
+
+
+def _prepare(dataset: BeirDataset, cfg: EvalConfig, heads: Any, similarity: str, log: Callable[[str], None]) -> _Prepared:
+    """Read the qrels, open and check the store, count what the qrels name that is not there (warned; --strict refuses)."""
     t0 = time.perf_counter()
     name = dataset.name
-    qrels = read_qrels(dataset.qrels_path(cfg.split))
+    qrels_path = dataset.qrels_path(cfg.split)
+    qrels = read_qrels(qrels_path)
     store_path = Path(cfg.store) if cfg.store else default_store_path(dataset.name, Path(model_folder_name(cfg.model)))
-    store = open_store(store_path, expect_encoder=heads.encoder_fingerprint if heads is not None else None)
+    store = open_store(store_path, expect_encoder=heads.encoder_fingerprint if heads is not None else None,
+                       expect_dim=getattr(heads.config, "input_dim", None) if heads is not None else None)
     _check_dataset(store, dataset)
 
-    corpus_ids, doc_row = store.corpus.ids, store.corpus.row_of
-    query_row = store.queries.row_of
+    doc_row, query_row = store.corpus.row_of, store.queries.row_of
     with_vector = sorted((q for q in qrels if q in query_row), key=query_row.get)
     no_vector = [q for q in qrels if q not in query_row]
     absent = [(q, d) for q, docs in qrels.items() for d in docs if d not in doc_row]
+    if not with_vector:
+        raise UserError(f"{qrels_path}: none of its {len(qrels)} judged queries (e.g. {no_vector[0]!r}) is in {store.path}; "
+                        "wrong dataset or split?")
     if absent:
         log(f"{name}: {len(absent)} qrels name documents absent from the corpus (e.g. {absent[0][1]!r}); they count as misses")
     if no_vector:
-        log(f"{name}: {len(no_vector)} judged queries have no vector in {store.path}; they score 0")
+        log(f"{name}: {len(no_vector)} judged queries have no vector in {store.path} (e.g. {no_vector[0]!r}); they score 0")
     if cfg.strict and (absent or no_vector):
-        raise UserError(f"{name} --strict: {len(absent)} qrels name absent documents, {len(no_vector)} judged queries have no vector")
+        raise UserError(f"{name} --strict: {len(absent)} qrels name absent documents, {len(no_vector)} judged queries have no vector "
+                        f"in {store.path}; drop --strict to score them as misses")
+    dim = getattr(heads.config, "output_dim", None) if heads is not None else store.dim
+    if cfg.index == "faiss" and cfg.faiss_index not in EXACT and dim:
+        _check_index(cfg.faiss_index, dim, similarity)
+    return _Prepared(dataset, qrels, store, with_vector, no_vector, absent, time.perf_counter() - t0)
+
+
+def _evaluate_one(prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, similarity: str, out: Path, tag: str,
+                  written: list[Path]) -> dict:
+    t0 = time.perf_counter() - prep.seconds
+    name, qrels, store = prep.dataset.name, prep.qrels, prep.store
+    with_vector, no_vector, absent = prep.with_vector, prep.no_vector, prep.absent
+    corpus_ids, doc_row = store.corpus.ids, store.corpus.row_of
+    query_row = store.queries.row_of
 
     queries = store.queries.vectors(rows=np.array([query_row[q] for q in with_vector], dtype=np.int64))
     if heads is not None:
@@ -160,7 +207,7 @@ def _evaluate_one(dataset: BeirDataset, cfg: EvalConfig, heads: Any, tower: str,
     t1 = time.perf_counter()
     mean, per_query = score(qrels, {q: dict(d) for q, d in run.items()}, recall_at=min(100, cfg.k))
     score_s = time.perf_counter() - t1
-    files = _write_outputs(out / name, run, per_query, set(with_vector), qrels, tag)
+    files = _write_outputs(out / name, run, per_query, set(with_vector), qrels, tag, written)
     return {
         "dataset": name,
         "split": cfg.split,
@@ -197,6 +244,10 @@ def _validate(cfg: EvalConfig, heads: Any) -> tuple[str, str]:
         raise UserError(f"{cfg.heads or 'heads'}: record no encoder fingerprint, so no store can be checked against them; retrain them")
     if heads is not None and tower == "vanilla":
         raise UserError("--query-tower vanilla: with --heads the documents are projected; use projection or predictor, or drop --heads")
+    if cfg.index == "torch" or cfg.device != "auto":
+        from .encoder import pick_device  # noqa: PLC0415  (torch)
+
+        pick_device(cfg.device)
     return tower, check_similarity(cfg.similarity or (heads.similarity if heads is not None else "cos"))
 
 
@@ -205,7 +256,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, heads: Any = N
 
     Args:
         heads: an already loaded heads object (else loaded from `cfg.heads`): encode_documents(x),
-            encode_queries(x, tower), encoder_fingerprint, similarity, fingerprint.
+            encode_queries(x, tower), encoder_fingerprint, similarity, fingerprint, config.query_tower
+            (and, when present, config.input_dim / config.output_dim, checked against the store and index).
     """
     t0 = time.perf_counter()
     names = dataset_names(cfg.datasets)
@@ -229,13 +281,35 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, heads: Any = N
         "versions": package_versions(),
         "datasets": {},
     }
+    check_writable(out)
+    prepared = [_prepare(dataset, cfg, heads, similarity, log) for dataset in datasets]  # every refusal before any write
     with exclusive_lock(out, "eval"):
-        for dataset in datasets:
-            results["datasets"][dataset.name] = _evaluate_one(dataset, cfg, heads, tower, similarity, out, f"jepa-cache-{variant}", log)
-        results["total_s"] = time.perf_counter() - t0
-        atomic_write_json(out / "results.json", results)
+        written: list[Path] = [] if out.exists() else [out]
+        (out / "results.json").unlink(missing_ok=True)  # a stale one must never describe the files this run replaces
+        try:
+            for prep in prepared:
+                results["datasets"][prep.dataset.name] = _evaluate_one(prep, cfg, heads, tower, similarity, out,
+                                                                       f"jepa-cache-{variant}", written)
+            results["total_s"] = time.perf_counter() - t0
+            written.append(out / "results.json")
+            atomic_write_json(out / "results.json", results)
+        except BaseException:
+            _remove(written)  # a failed run (disk full, a FAISS error, Ctrl-C) leaves no half of itself
+            raise
     results["out"] = str(out)
     return results
+
+
+def _remove(paths: list[Path]) -> None:
+    """Delete the files, then the (now empty) folders, that a failed run created."""
+    for p in reversed(paths):
+        try:
+            if p.is_dir():
+                p.rmdir()
+            else:
+                p.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def results_table(results: dict):

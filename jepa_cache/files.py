@@ -98,22 +98,36 @@ def read_json(path: str | os.PathLike) -> Any:
 def exclusive_lock(target: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold an exclusive, non-blocking lock for `target` (released by the OS if we die).
 
-    A second process gets a clear refusal instead of writing into the same output.
+    A second process gets a clear refusal instead of writing into the same output. The lock file
+    is removed on release (a run leaves no trace of it); a process that locked a file another one
+    removed meanwhile sees that the path no longer names its file and locks afresh. A SIGKILL
+    leaves the empty lock file behind, unlocked; the next run takes and removes it.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     lock_path = target.parent / f".{target.name}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise UserError(
                 f"{target}: another {what} is writing here right now ({lock_path} is locked); "
                 "wait for it to finish or choose another --out"
             ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder we waited on removed this file as it released it: lock the current one
+    try:
         yield
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)  # while still holding it: whoever opens the path next gets a new file
         os.close(fd)
 
 

@@ -12,7 +12,6 @@ what the user declares (settings read from the model folder when it is on disk, 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,7 +25,7 @@ from .build import default_store_path
 from .config import ImportConfig
 from .datasets import CORPUS_TEMPLATE, QUERY_TEMPLATE, find_dataset, read_ids
 from .errors import UserError
-from .files import exclusive_lock, sha256_file
+from .files import exclusive_lock, read_json, sha256_file
 from .models import KNOWN, canonical_name, resolve_model, weights_sha256
 from .store import DTYPES, SECTIONS, Store, StoreWriter, open_store
 
@@ -183,9 +182,11 @@ def _folder_settings(folder: Path) -> dict:
     """Encoder settings read from a sentence-transformers folder's JSON files (no model load)."""
     def read(rel: str) -> dict:
         p = folder / rel
-        return json.loads(p.read_text()) if p.is_file() else {}
+        return read_json(p) if p.is_file() else {}
 
     modules = read("modules.json") if (folder / "modules.json").is_file() else []
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise UserError(f"{folder / 'modules.json'}: not a sentence-transformers modules list; is {folder} a model folder?")
     types = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
     pooling, dim = None, None
     for module, kind in zip(modules, types):

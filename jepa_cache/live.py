@@ -9,11 +9,13 @@ optimizer's parameter groups change. What the encoder does in each:
 - `full`: trainable from step 0, in train mode (its dropout on, as in the study) unless
   `encoder_dropout` is off (eval mode: deterministic, so with encoder lr 0 it equals frozen-live).
   AdamW groups: encoder at `encoder_lr`, projection and predictor at `head_lr`; gradient
-  clipping covers all of them, as the study clipped `model.parameters()`.
+  clipping covers all of them, as the study clipped `model.parameters()`. While the encoder
+  trains, negatives are the batch's (corpus or mined negatives would re-encode the corpus every
+  step); `sampling` and `schedule` are the preset's.
 - `hybrid`: phase 1 is `train.train` on the cache, unchanged; phase 1 is then scored on a
   validation split (dev, else a seeded slice of the training queries held out of phase 1) and
   phase 2 (encoder unfrozen at `phase2_encoder_lr`, heads going on at `head_lr`) runs only when
-  that NDCG@10 reaches the threshold (default: the vanilla encoder's on the same queries).
+  that NDCG@10 reaches `threshold`, or by default beats the vanilla encoder's on the same queries.
 
 A changed encoder is saved as a plain sentence-transformers folder (`out/encoder`), and the heads
 record its weights' sha256 as their encoder fingerprint: `jepa-cache build --model out/encoder`
@@ -45,6 +47,8 @@ from .files import atomic_write_bytes, atomic_write_json, exclusive_lock
 from .heads import Heads, HeadsConfig, describe, save_heads
 from .models import DEFAULT_MODEL, resolve_model, weights_sha256
 from .store import Store, now_iso, open_store
+from .train import (DevSet, PairIndex, _same_id, build_criterion, build_heads, fit, load_pairs, mean_parts, resolve_config,
+                    store_record, train)
 
 STRATEGIES = ("full", "hybrid", "frozen-live")
 DEFAULT_LIVE_DIR = Path("runs/live")
@@ -257,13 +261,21 @@ class JEPAEncoder(nn.Module):
         """Projected embeddings of `texts`. Shape: returns [len(texts), output_dim] float32."""
         return self.heads(self.embed(texts))
 
-    def encode(self, texts: str | Sequence[str], batch_size: int = 32, convert_to_numpy: bool = False, **_) -> Tensor | np.ndarray:
-        """Projected embeddings for retrieval: eval mode, no autograd, the store's encoding code."""
+    def encode(self, texts: str | Sequence[str], batch_size: int = 32, show_progress: bool = False,
+               convert_to_numpy: bool = False) -> Tensor | np.ndarray:
+        """Projected embeddings for retrieval: eval mode, no autograd, the store's encoding code.
+
+        Shape:
+            returns [len(texts), output_dim] float32 on the model's device (or as numpy)
+        """
+        from tqdm.auto import tqdm
+
         texts = [texts] if isinstance(texts, str) else list(texts)
         was_training = self.base.training
         self.base.eval()
         try:
-            base = torch.from_numpy(encode(self.base, texts, batch_size))
+            with tqdm(total=len(texts), unit="texts", disable=not show_progress) as bar:
+                base = torch.from_numpy(encode(self.base, texts, batch_size, on_batch=bar.update))
         finally:
             self.base.train(was_training)
         out = self.heads.encode_documents(base)
@@ -309,82 +321,47 @@ class EncoderSource:
 # Validation (hybrid): is phase 1 good enough to unfreeze the encoder?
 
 
-def validation_ndcg(store: Store, qrels: dict[str, dict[str, int]], heads: Heads | None = None) -> float:
-    """NDCG@10 of `qrels`' queries over the store's whole corpus, vanilla or through `heads`.
-
-    Scored as eval scores (exact search, a hit whose id is the query's dropped, pytrec_eval), with
-    eval's default tower (the predictor when the heads have one) and the heads' similarity.
-    """
-    from .metrics import score
-    from .search import top_k
-
-    row_of = store.queries.row_of
-    qids = [q for q in qrels if q in row_of]
-    queries = store.queries.vectors(np.float32, np.array([row_of[q] for q in qids], dtype=np.int64))
-    blocks = (block for _, block in store.corpus.iter_blocks(1 << 16))
-    if heads is not None:
-        tower = "predictor" if heads.predictor is not None else "projection"
-        queries = heads.encode_queries(torch.from_numpy(queries), tower).cpu().numpy()
-        blocks = (heads.encode_documents(torch.from_numpy(b)).cpu().numpy() for b in blocks)
-    hits = top_k(blocks, queries, 11, heads.similarity if heads is not None else "cos")
-    ids = store.corpus.ids
-    run = {q: {ids[r]: float(s) for r, s in zip(rows, scores) if r >= 0 and ids[r] != q}
-           for q, rows, scores in zip(qids, hits.indices, hits.scores)}
-    mean, _ = score({q: qrels[q] for q in qids}, run)
-    return mean["ndcg@10"]
-
-
 @dataclasses.dataclass
 class Validation:
-    """What phase 1 is judged on, and phase 1's own config (its pairs exclude held-out queries)."""
+    """What phase 1 is judged on (a `train.DevSet`), and phase 1's own config (its pairs exclude held-out queries)."""
 
-    qrels: dict[str, dict[str, int]]
+    dev: DevSet  # held-out queries scored as eval scores them: NDCG@10 over the whole corpus
     origin: str
     train: TrainConfig
 
 
-def validation_split(cfg: LiveConfig, store: Store, out: Path) -> Validation:
-    """The dataset's `val_split` qrels when it has them; else hold out a seeded slice of the training queries.
+def validation_split(cfg: LiveConfig, store: Store, out: Path, device: torch.device) -> Validation:
+    """The dataset's `val_split` qrels when it has them; else a seeded slice of the training queries held out.
 
     Held-out queries are written out of phase 1's pairs (`out/phase1-pairs.jsonl`, recorded in
-    phase 1's config.json), so `train-heads --pairs` on that file repeats phase 1 exactly. Their
-    qrels are the training split's (graded as given), or relevance 1 for a `--pairs` file.
+    phase 1's config.json), so `train-heads --pairs` on that file repeats phase 1 exactly; they
+    are judged by their training pairs (relevance 1). The slice depends on `val_seed` only, so
+    every training seed is validated on the same queries.
     """
-    from .train import load_pairs
-
     tcfg = cfg.train
     dataset = find_dataset(tcfg.dataset or store.dataset_name, tcfg.data_dir)
+    corpus = torch.from_numpy(store.corpus.vectors(np.float32)).to(device)
     if cfg.val_split in dataset.splits():
         if cfg.val_split == tcfg.train_split and not tcfg.pairs:
             raise UserError(f"--val-split {cfg.val_split}: the training split itself; validate on another split")
-        return Validation(read_qrels(dataset.qrels_path(cfg.val_split)), f"{dataset.name}/{cfg.val_split}", tcfg)
-    pairs = load_pairs(dataclasses.replace(tcfg, max_pairs=None), store)
+        qrels = read_qrels(dataset.qrels_path(cfg.val_split))
+        qids = [q for q in qrels if q in store.queries.row_of]
+        queries = store.queries.vectors(np.float32, np.array([store.queries.row_of[q] for q in qids], dtype=np.int64))
+        dev = DevSet(torch.from_numpy(queries).to(device), qids, corpus, store.corpus.ids, {q: qrels[q] for q in qids})
+        return Validation(dev, f"{dataset.name}/{cfg.val_split} ({len(qids):,} queries)", tcfg)
+    fit_pairs, held = load_pairs(dataclasses.replace(tcfg, max_pairs=None), store).hold_out(cfg.val_fraction, cfg.val_seed)
     query_ids, doc_ids = store.queries.ids, store.corpus.ids
-    qids = [query_ids[r] for r in pairs.query_rows]
-    unique = list(dict.fromkeys(qids))
-    count = max(1, round(cfg.val_fraction * len(unique)))
-    if count >= len(unique):
-        raise UserError(f"--val-fraction {cfg.val_fraction}: would hold out all {len(unique)} training queries")
-    held = sorted(unique[i] for i in np.random.default_rng(cfg.val_seed).choice(len(unique), count, replace=False))
-    held_set = set(held)
-    lines, qrels = [], {}
-    for i, qid in enumerate(qids):
-        doc = doc_ids[pairs.doc_rows[i]]
-        if qid in held_set:
-            qrels.setdefault(qid, {})[doc] = 1
-            continue
-        line = {"query_id": qid, "doc_id": doc}
-        if pairs.neg_rows is not None:
-            line["negative_id"] = doc_ids[pairs.neg_rows[i]]
+    lines = []
+    for i in range(len(fit_pairs)):
+        line = {"query_id": query_ids[fit_pairs.query_rows[i]], "doc_id": doc_ids[fit_pairs.doc_rows[i]]}
+        if fit_pairs.neg_rows is not None:
+            line["negative_id"] = doc_ids[fit_pairs.neg_rows[i]]
         lines.append(json.dumps(line) + "\n")
-    if not tcfg.pairs:
-        train_qrels = read_qrels(dataset.qrels_path(tcfg.train_split))
-        qrels = {q: train_qrels[q] for q in held}
     path = out / "phase1-pairs.jsonl"
     atomic_write_bytes(path, "".join(lines).encode())
-    origin = (f"{count} of {len(unique)} training queries held out (seed {cfg.val_seed}; {dataset.name} has no "
-              f"{cfg.val_split!r} split); phase 1 trains on the other {len(lines)} pairs ({path})")
-    return Validation(qrels, origin, dataclasses.replace(tcfg, pairs=str(path)))
+    origin = (f"{held.origin} held out ({dataset.name} has no {cfg.val_split!r} split); "
+              f"phase 1 trains on the other {len(fit_pairs):,} pairs ({path})")
+    return Validation(DevSet.from_pairs(held, store, corpus, device), origin, dataclasses.replace(tcfg, pairs=str(path)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,18 +382,23 @@ class LiveResult:
 
 def resolve_live(cfg: LiveConfig) -> LiveConfig:
     """Resolve the heads' config from its preset and the live defaults that depend on the strategy."""
-    from .train import resolve_config
-
     if cfg.strategy not in STRATEGIES:
         raise UserError(f"--strategy {cfg.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    train = resolve_config(cfg.train)
-    head_lr = cfg.head_lr if cfg.head_lr is not None else (STUDY_HEAD_LR if cfg.strategy == "full" else train.lr)
-    resolved = dataclasses.replace(cfg, train=train, head_lr=head_lr,
-                                   phase2_epochs=train.epochs if cfg.phase2_epochs is None else cfg.phase2_epochs)
+    tcfg = resolve_config(cfg.train)
+    head_lr = cfg.head_lr if cfg.head_lr is not None else (STUDY_HEAD_LR if cfg.strategy == "full" else tcfg.lr)
+    resolved = dataclasses.replace(cfg, train=tcfg, head_lr=head_lr,
+                                   phase2_epochs=tcfg.epochs if cfg.phase2_epochs is None else cfg.phase2_epochs)
     if min(resolved.encoder_lr, resolved.phase2_encoder_lr) < 0 or resolved.head_lr <= 0:
         raise UserError("--encoder-lr and --phase2-encoder-lr must be >= 0, --head-lr positive")
     if resolved.phase2_epochs <= 0 or not 0 < resolved.val_fraction < 1:
         raise UserError("--phase2-epochs must be positive and --val-fraction in (0, 1)")
+    if cfg.strategy == "full" and (tcfg.negatives != "batch" or tcfg.dev_fraction > 0 or tcfg.interpolate != 1.0):
+        # Corpus or mined negatives would re-encode the corpus through the changing encoder every
+        # step; a dev slice (and WiSE-FT's choice of weight) scores heads on cached vectors of an
+        # encoder that no longer exists.
+        raise UserError(f"--strategy full trains the encoder: it takes in-batch negatives, no dev slice and no interpolation "
+                        f"(preset {tcfg.preset!r} has negatives={tcfg.negatives}, dev_fraction={tcfg.dev_fraction}, "
+                        f"interpolate={tcfg.interpolate}); use preset default or study, or hybrid, whose phase 1 takes them")
     return resolved
 
 
@@ -429,10 +411,8 @@ def _train_through_encoder(cfg: LiveConfig, store: Store, pairs, folder: Path, d
     """`train.fit` with the encoder trainable: fresh heads (full) or phase 1's (hybrid)."""
     from tqdm.auto import tqdm
 
-    from .train import PairIndex, build_criterion, build_heads, fit
-
     tcfg = cfg.train
-    index = PairIndex.build(pairs, device)
+    index = PairIndex.build(pairs, device, same_id=_same_id(store))
     query_texts, doc_texts = store_texts(store, tcfg.dataset, tcfg.data_dir, index.query_rows, index.doc_rows)
     base = load_encoder(folder, device)  # loaded before seeding, as train.train loads its live encoder
     torch.manual_seed(tcfg.seed)  # heads init, dropout masks
@@ -442,10 +422,11 @@ def _train_through_encoder(cfg: LiveConfig, store: Store, pairs, folder: Path, d
                         gradient_checkpointing=cfg.gradient_checkpointing, device=device)
     optimizer = torch.optim.AdamW(model.param_groups(encoder_lr, cfg.head_lr, tcfg.weight_decay))
     trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-    steps = epochs * math.ceil(len(index) / tcfg.batch_size)
+    steps = epochs * math.ceil(index.items(tcfg.sampling) / tcfg.batch_size)
     log(f"{describe(heads)}\nencoder {folder}: trainable at lr {encoder_lr:g} ({'train mode, dropout on' if cfg.encoder_dropout else 'eval mode, no dropout'}"
         f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}); heads at lr {cfg.head_lr:g}; "
-        f"{trainable:,} trainable parameters; {len(pairs):,} pairs, {epochs} epoch(s) × {steps // epochs} steps of {tcfg.batch_size} on {device}")
+        f"{trainable:,} trainable parameters; {len(pairs):,} pairs, {epochs} {tcfg.sampling} epoch(s) × {steps // epochs} steps of "
+        f"{tcfg.batch_size}, in-batch negatives, {tcfg.schedule} lr, on {device}")
     model.train()
     with tqdm(total=steps, unit="step", desc="train-live", dynamic_ncols=True, mininterval=5) as bar:
         def on_step(record: dict) -> None:
@@ -454,7 +435,7 @@ def _train_through_encoder(cfg: LiveConfig, store: Store, pairs, folder: Path, d
 
         result = fit(model.heads, build_criterion(tcfg), EncoderSource(model, query_texts, doc_texts), index, optimizer,
                      epochs=epochs, batch_size=tcfg.batch_size, seed=tcfg.seed, warmup=tcfg.warmup,
-                     grad_clip=tcfg.grad_clip, on_step=on_step, log=log)
+                     grad_clip=tcfg.grad_clip, on_step=on_step, log=log, sampling=tcfg.sampling, schedule=tcfg.schedule)
     return model.eval(), result, trainable
 
 
@@ -487,34 +468,30 @@ class _Trained:
 
 
 def _full(cfg: LiveConfig, store: Store, folder: Path, device: torch.device, out: Path, log: Callable[[str], None]) -> _Trained:
-    from .train import load_pairs
-
     model, fitted, trainable = _train_through_encoder(cfg, store, load_pairs(cfg.train, store), folder, device, None,
                                                       cfg.encoder_lr, cfg.train.epochs, log)
     return _Trained(model.heads, fitted.history, fitted.epoch_seconds, trainable, cfg.train, model)
 
 
 def _hybrid(cfg: LiveConfig, store: Store, folder: Path, device: torch.device, out: Path, log: Callable[[str], None]) -> _Trained:
-    from .train import load_pairs, train
-
-    split = validation_split(cfg, store, out)
+    split = validation_split(cfg, store, out, device)
     log(f"hybrid phase 1: train-heads on the cache; validation: {split.origin}")
     phase1 = train(dataclasses.replace(split.train, out=str(out / "phase1"), overwrite=True), log=log)
-    vanilla = validation_ndcg(store, split.qrels)
-    achieved = validation_ndcg(store, split.qrels, phase1.heads)
-    threshold = vanilla if cfg.threshold is None else cfg.threshold
-    validation = {"from": split.origin, "queries": sum(q in store.queries.row_of for q in split.qrels),
-                  "vanilla_ndcg@10": vanilla, "phase1_ndcg@10": achieved, "threshold": threshold,
-                  "threshold_from": "vanilla" if cfg.threshold is None else "--threshold",
-                  "phase2": achieved >= threshold, "phase1_seconds": phase1.seconds}
-    log(f"phase 1 validation NDCG@10 {achieved:.4f} (vanilla {vanilla:.4f}, threshold {threshold:.4f}): "
+    vanilla, achieved = split.dev.score(None), split.dev.score(phase1.heads)
+    # The study's rule, unfreeze only if phase 1 works: reach --threshold, or by default beat vanilla.
+    passed = achieved > vanilla if cfg.threshold is None else achieved >= cfg.threshold
+    validation = {"from": split.origin, "queries": len(split.dev), "vanilla_ndcg@10": vanilla, "phase1_ndcg@10": achieved,
+                  "threshold": cfg.threshold, "rule": "> vanilla" if cfg.threshold is None else ">= --threshold",
+                  "phase2": passed, "phase1_seconds": phase1.seconds}
+    log(f"phase 1 validation NDCG@10 {achieved:.4f} (vanilla {vanilla:.4f}; phase 2 needs {validation['rule']}"
+        f"{f' {cfg.threshold:.4f}' if cfg.threshold is not None else ''}): "
         + ("phase 2 unfreezes the encoder" if validation["phase2"] else "phase 2 skipped; phase 1's heads are the result"))
     counts = phase1.heads.parameter_counts()["total"]
     if not validation["phase2"]:
         return _Trained(phase1.heads, phase1.history, phase1.epoch_seconds, counts, phase1.config, validation=validation)
     model, fitted, trainable = _train_through_encoder(cfg, store, load_pairs(phase1.config, store), folder, device, phase1.heads,
                                                       cfg.phase2_encoder_lr, cfg.phase2_epochs, log)
-    steps, epochs = len(phase1.history), phase1.config.epochs  # phase 2 numbered on from phase 1
+    steps, epochs = len(phase1.history), max(r["epoch"] for r in phase1.history) + 1  # phase 2 numbered on
     history = phase1.history + [{**r, "step": r["step"] + steps, "epoch": r["epoch"] + epochs} for r in fitted.history]
     return _Trained(model.heads, history, phase1.epoch_seconds + fitted.epoch_seconds, trainable, phase1.config, model, validation)
 
@@ -527,8 +504,6 @@ def train_live(cfg: LiveConfig, log: Callable[[str], None] = print) -> LiveResul
     resolved, the encoder, validation, timings), `encoder/` when the encoder changed, and for
     hybrid `phase1/` (a train-heads folder) and, without a dev split, phase1-pairs.jsonl.
     """
-    from .train import mean_parts, store_record, train
-
     cfg = resolve_live(cfg)
     tcfg = cfg.train
     store = open_store(tcfg.store)

@@ -257,6 +257,7 @@ class Runner:
                         "strategy": strategy.name, "kind": strategy.kind, "seed": seed, "dataset": dataset,
                         "in_domain": dataset == r.train_dataset, "metrics": one["metrics"],
                         "per_query": one["files"]["per_query"], "store_source": one["store"]["source"],
+                        "store": one["store"]["path"],
                         "heads": str(heads) if heads else None,
                         "trainable_params": meta.get("training", {}).get("trainable_parameters", meta["parameters"]["total"]) if meta else 0,
                         "train_seconds": meta.get("training", {}).get("seconds", 0.0) if meta else 0.0,

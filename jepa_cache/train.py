@@ -20,6 +20,9 @@ What a step sees is configurable, because with a cache the expensive choices bec
   every seed), score NDCG@10 on it after every epoch (epoch 0 is the initial heads: vanilla for
   an identity start), and keep the best epoch (`select dev`); `refit` then retrains on all the
   training queries for that many epochs of the same schedule.
+- `interpolate`: weight-space ensembling with the initial heads (WiSE-FT, Wortsman et al. 2022):
+  the saved heads are θ₀ + β(θ − θ₀). From an identity start this moves the map part of the way
+  back to vanilla, which keeps most of the in-domain gain and gives back most of the zero-shot loss.
 
 Outputs, in the heads folder: `heads.safetensors` + `heads.json` (see heads.py), `config.json`
 (every setting resolved) and `steps.jsonl` (one line per step: loss and each weighted term).
@@ -27,6 +30,7 @@ Outputs, in the heads folder: `heads.safetensors` + `heads.json` (see heads.py),
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -61,14 +65,14 @@ DEV_SEED = 0  # the held-out dev slice is the same for every --seed, so seeds ar
 
 # What the batch-and-pairs presets share: in-batch negatives, pair epochs, no dev slice.
 _CLASSIC = dict(negatives="batch", sampling="pairs", mine_k=32, corpus_negatives=0, rank=0, schedule="cosine",
-                dev_fraction=0.0, select="last", refit=False)
+                dev_fraction=0.0, select="last", refit=False, interpolate=1.0)
 
 # Every preset sets every preset-controlled field of TrainConfig.
 PRESETS: dict[str, dict] = {
     # Linear PCA-initialised projection (step 0 keeps most of vanilla), residual predictor (starts
     # as the identity), cosine retrieval, InfoNCE + real SIGReg.
     "default": dict(
-        output_dim=512, projection="linear", projection_hidden=1536, predictor="residual", predictor_hidden=1024,
+        strategy="frozen-predictor", output_dim=512, projection="linear", projection_hidden=1536, predictor="residual", predictor_hidden=1024,
         dropout=0.1, init="pca", similarity="cos", query_tower="projection",
         contrastive="infonce", isotropy="sigreg", predictive="cosine", temperature=0.05, margin=1.0,
         lambda_predictive=0.5, lambda_contrastive=0.1, lambda_isotropy=1.0, lambda_reg=0.0, use_stopgrad=True,
@@ -84,20 +88,22 @@ PRESETS: dict[str, dict] = {
     # Bugs not copied: its head learning rate silently fell to ~2e-6 and its scheduler stepped
     # once per epoch, so its heads barely trained; here the schedule steps every batch.
     "study": dict(
-        output_dim=512, projection="mlp", projection_hidden=1536, predictor="mlp", predictor_hidden=1024,
+        strategy="frozen-predictor", output_dim=512, projection="mlp", projection_hidden=1536, predictor="mlp", predictor_hidden=1024,
         dropout=0.1, init="random", similarity="l2", query_tower="projection",
         contrastive="triplet", isotropy="covariance", predictive="mse", temperature=0.05, margin=1.0,
         lambda_predictive=0.5, lambda_contrastive=0.1, lambda_isotropy=1.0, lambda_reg=0.0, use_stopgrad=True,
         directions=256, epochs=2, batch_size=16, lr=5e-4, weight_decay=0.01, warmup=0.05, grad_clip=1.0, **_CLASSIC,
     ),
 }
-# The recipe that wins on these cached vectors (see README, "Heads that beat vanilla"): a residual
-# linear adapter shared by queries and documents that starts exactly at vanilla, InfoNCE over the
-# whole cached corpus, query epochs at a constant rate, the epoch chosen on a held-out slice of the
-# training queries, then a refit on all of them.
+# The recipe that wins on these cached vectors (pipelines/ABLATION.md; `python pipelines/ablation.py`):
+# a residual linear adapter x + Wx shared by queries and documents that starts exactly at vanilla,
+# InfoNCE over the whole cached corpus plus SIGReg (λ 3: it costs nothing in-domain and keeps the
+# zero-shot collections where vanilla has them), query epochs at a constant rate, at most 4 of them,
+# the epoch chosen on a held-out 20% of the training queries, then a refit on all of them. No
+# predictor: as a training-only JEPA term it changed nothing, as the query tower it over-fitted.
 PRESETS["best"] = dict(
-    PRESETS["default"], output_dim=768, projection="adapter", init="identity", predictor="residual", query_tower="projection",
-    lambda_predictive=0.0, lambda_contrastive=1.0, lambda_isotropy=0.0, temperature=0.05, epochs=4, batch_size=64,
+    PRESETS["default"], strategy="frozen-isotropy", output_dim=768, projection="adapter", init="identity", predictor="none",
+    query_tower="projection", lambda_predictive=0.0, lambda_contrastive=1.0, lambda_isotropy=3.0, temperature=0.05, epochs=4, batch_size=64,
     lr=2e-4, weight_decay=0.01, warmup=0.0, grad_clip=1.0, negatives="corpus", sampling="queries", schedule="constant",
     dev_fraction=0.2, select="dev", refit=True,
 )
@@ -113,10 +119,12 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Fill every None from the preset, apply the strategy, and check the values."""
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset {cfg.preset!r}: choose one of {', '.join(PRESETS)}")
-    if cfg.strategy not in STRATEGIES:
-        raise UserError(f"--strategy {cfg.strategy!r}: choose one of {', '.join(STRATEGIES)} (full fine-tune and hybrid: `jepa-cache train-live`)")
+    strategy = cfg.strategy or PRESETS[cfg.preset]["strategy"]
+    if strategy not in STRATEGIES:
+        raise UserError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)} (full fine-tune and hybrid: `jepa-cache train-live`)")
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
-    if cfg.strategy == "frozen-isotropy":  # projection only: no predictor, no predictive term
+    values["strategy"] = strategy
+    if strategy == "frozen-isotropy":  # projection only: no predictor, no predictive term
         for key, want in (("predictor", "none"), ("lambda_predictive", 0.0)):
             if values.get(key, want) != want:
                 raise UserError(f"--strategy frozen-isotropy trains the projection only; it cannot take {key}={values[key]!r}")
@@ -126,7 +134,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         values["query_tower"] = "projection"
     resolved = TrainConfig(**{**PRESETS[cfg.preset], **values})
     if resolved.strategy == "frozen-predictor" and resolved.predictor == "none":
-        raise UserError("--strategy frozen-predictor needs a predictor; use --strategy frozen-isotropy for projection only")
+        raise UserError(f"--strategy frozen-predictor needs a predictor (preset {cfg.preset} has none: add e.g. --predictor residual "
+                        "--lambda-predictive 0.5); use --strategy frozen-isotropy for projection only")
     for name in ("epochs", "batch_size", "directions", "mine_k"):
         if getattr(resolved, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(resolved, name)}: must be positive")
@@ -144,6 +153,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError("--select dev needs a dev slice: --dev-fraction > 0 (e.g. 0.2)")
     if resolved.refit and resolved.select != "dev":
         raise UserError("--refit retrains for the epoch chosen on dev: it needs --select dev")
+    if not 0 < resolved.interpolate <= 1:
+        raise UserError(f"--interpolate {resolved.interpolate}: must be in (0, 1] (1 keeps the heads as trained)")
     if resolved.live and resolved.negatives != "batch":
         raise UserError(f"--negatives {resolved.negatives} needs the whole corpus every step (or mined from it): "
                         "cached training only; use --negatives batch with --live")
@@ -486,6 +497,20 @@ class DevSet:
         return score(self.qrels, run, recall_at=10)[0]["ndcg@10"]
 
 
+def interpolate_heads(heads: Heads, initial: dict[str, Tensor], weight: float) -> Heads:
+    """Weight-space ensembling with the initial heads (WiSE-FT): θ ← θ₀ + weight · (θ − θ₀), in place.
+
+    For heads that start at vanilla (the identity adapter), weight < 1 moves them part of the way
+    back: in-domain gains shrink a little, zero-shot losses shrink more (see README).
+    """
+    if weight != 1.0:
+        with torch.no_grad():
+            for name, value in heads.state_dict().items():
+                if value.is_floating_point():
+                    value.copy_(initial[name].to(value.device) + weight * (value - initial[name].to(value.device)))
+    return heads
+
+
 def fit(
     heads: Heads,
     criterion: JEPASIGRegLoss,
@@ -687,6 +712,13 @@ def _fit_once(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device
     criterion = build_criterion(cfg)
     optimizer = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     mined = mine_negatives(heads, source, index, cfg.mine_k) if cfg.negatives == "mined" else None
+    initial = {k: v.detach().clone() for k, v in heads.state_dict().items()}
+
+    def dev_score(h: Heads) -> float:  # the heads as they would be saved: interpolated
+        if cfg.interpolate == 1.0:
+            return dev.score(h)
+        return dev.score(interpolate_heads(copy.deepcopy(h), initial, cfg.interpolate))
+
     steps = math.ceil(index.items(cfg.sampling) / cfg.batch_size)
     negs = {"batch": "in-batch negatives", "mined": f"in-batch + 1 of {cfg.mine_k} mined negatives per query",
             "corpus": f"in-batch + {'all' if not 0 < cfg.corpus_negatives < len(index.doc_rows) else cfg.corpus_negatives} corpus negatives"}
@@ -699,8 +731,11 @@ def _fit_once(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device
     result = fit(heads, criterion, source, index, optimizer, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
                  warmup=cfg.warmup, grad_clip=cfg.grad_clip, on_step=on_step, log=log, sampling=cfg.sampling,
                  negatives=cfg.negatives, corpus_negatives=cfg.corpus_negatives, mined=mined, schedule=cfg.schedule,
-                 dev=dev.score if dev is not None else None, select=cfg.select if dev is not None else "last",
+                 dev=dev_score if dev is not None else None, select=cfg.select if dev is not None else "last",
                  stop_after=stop_after)
+    if cfg.interpolate != 1.0:
+        interpolate_heads(heads, initial, cfg.interpolate)
+        log(f"heads interpolated with their initial weights: initial + {cfg.interpolate:g} × (trained − initial)")
     return heads, result, steps
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -32,11 +33,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ("scifact", "nfcorpus", "arguana")
+# Zero-shot *probes* that are not test: NFCorpus's dev split and SciFact's train queries. Choices
+# made for zero-shot robustness look at these, never at the test columns.
+PROBES = {"scifact": ("nfcorpus", "dev"), "nfcorpus": ("scifact", "train")}
 OUT = ROOT / "runs" / "ablation"
 
 # The base of the ablation: the `best` preset trained on the 80% slice, without the refit, and
 # without a predictor (the rows below add one back). name -> (what it changes, overrides, strategy).
-B = dict(preset="best", refit=False)
+B = dict(preset="best", refit=False, lambda_isotropy=0.0, epochs=4)
 VARIANTS: dict[str, tuple[str, dict, str]] = {
     "vanilla": ("all-mpnet-base-v2 as is", {}, "none"),
     "study": ("the study's heads and loss (preset study)", dict(preset="study", dev_fraction=0.2), "frozen-predictor"),
@@ -55,15 +59,24 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "B-linear": ("B, plain linear map at the (scaled) identity instead of x+Wx", dict(B, projection="linear"), "frozen-isotropy"),
     "B-resmlp": ("B, residual MLP projection (identity + zero-init MLP 768→1536→768)", dict(B, projection="residual"), "frozen-isotropy"),
     "B-512pca": ("B, linear 768→512 PCA init", dict(B, projection="linear", init="pca", output_dim=512), "frozen-isotropy"),
-    "B+pred": ("B + JEPA predictor (residual MLP), λ_pred 0.5, training only", dict(B, lambda_predictive=0.5), "frozen-predictor"),
-    "B+pred-nosg": ("B+pred without stop-gradient", dict(B, lambda_predictive=0.5, use_stopgrad=False), "frozen-predictor"),
-    "B+pred-tower": ("B+pred, queries retrieved (and contrasted) through the predictor", dict(B, lambda_predictive=0.5, query_tower="predictor"), "frozen-predictor"),
+    "B+pred": ("B + JEPA predictor (residual MLP), λ_pred 0.5, training only", dict(B, predictor="residual", lambda_predictive=0.5), "frozen-predictor"),
+    "B+pred-nosg": ("B+pred without stop-gradient", dict(B, predictor="residual", lambda_predictive=0.5, use_stopgrad=False), "frozen-predictor"),
+    "B+pred-tower": ("B+pred, queries retrieved (and contrasted) through the predictor", dict(B, predictor="residual", lambda_predictive=0.5, query_tower="predictor"), "frozen-predictor"),
     "B+sigreg1": ("B + SIGReg λ 1.0 (256 directions)", dict(B, lambda_isotropy=1.0), "frozen-isotropy"),
     "B+sigreg0.1": ("B + SIGReg λ 0.1", dict(B, lambda_isotropy=0.1), "frozen-isotropy"),
     "B+sigreg1-1024": ("B + SIGReg λ 1.0, 1024 directions", dict(B, lambda_isotropy=1.0, directions=1024), "frozen-isotropy"),
-    "best": ("B + refit on all training queries for the epoch dev chose (preset best)", dict(preset="best"), "frozen-isotropy"),
+    "B+sigreg3": ("B + SIGReg λ 3.0", dict(B, lambda_isotropy=3.0), "frozen-isotropy"),
+    "B+sigreg10": ("B + SIGReg λ 10", dict(B, lambda_isotropy=10.0), "frozen-isotropy"),
+    "B+sigreg3-8ep": ("B + SIGReg λ 3.0, up to 8 epochs", dict(B, lambda_isotropy=3.0, epochs=8), "frozen-isotropy"),
+    "B+refit": ("B + refit on all training queries for the epoch dev chose", dict(preset="best", lambda_isotropy=0.0, epochs=4), "frozen-isotropy"),
+    "best": ("the preset best: B + SIGReg λ 3 + refit", dict(preset="best"), "frozen-isotropy"),
 }
-BLENDS = (0.25, 0.5)  # score blends with vanilla, scored from B's heads: alpha * cos_vanilla + (1 - alpha) * cos_heads
+# Post-hoc rows from the heads of a variant, no retraining: score blends with vanilla
+# (alpha * cos_vanilla + (1 - alpha) * cos_heads) and weight interpolation towards the start
+# (WiSE-FT: initial + beta * (trained - initial); for the adapter, x + beta * W x).
+BLENDS = (0.25, 0.5)
+INTERPOLATIONS = (0.25, 0.5, 0.75)
+POSTHOC = ("B", "B-8ep", "B-lr1e-3", "B+pred-tower", "B+refit", "best")
 
 
 def store_path(dataset: str) -> Path:
@@ -84,6 +97,7 @@ def ensure_store(dataset: str):
                                        out=str(path)), log=lambda s: None)
 
 
+@functools.cache
 def dev_set(train_ds: str):
     """The dev slice every variant is scored on (what `train` holds out with dev_fraction 0.2)."""
     import torch
@@ -96,14 +110,14 @@ def dev_set(train_ds: str):
     return DevSet.from_pairs(dev_pairs, store, torch.from_numpy(store.corpus.vectors(np.float32)), torch.device("cpu"))
 
 
-def test_ndcg(dataset: str, heads_dir: Path | None, out: Path) -> float:
+def test_ndcg(dataset: str, heads_dir: Path | None, out: Path, split: str = "test") -> float:
     from jepa_cache.config import EvalConfig
     from jepa_cache.evaluate import evaluate
 
     results = out / "results.json"
     if results.is_file():
         return json.loads(results.read_text())["datasets"][dataset]["metrics"]["ndcg@10"]
-    r = evaluate(EvalConfig(datasets=[dataset], store=str(store_path(dataset)), heads=str(heads_dir) if heads_dir else None,
+    r = evaluate(EvalConfig(datasets=[dataset], split=split, store=str(store_path(dataset)), heads=str(heads_dir) if heads_dir else None,
                             out=str(out)), log=lambda s: None)
     return r["datasets"][dataset]["metrics"]["ndcg@10"]
 
@@ -149,41 +163,70 @@ def run_variant(train_ds: str, name: str, seed: int, dev) -> dict:
         else:
             row.update(dev=dev.score(heads), kept_epoch=result.config.epochs)
     row["test"] = {d: test_ndcg(d, heads_dir, folder / "eval" / d) for d in EVAL}
+    probe, split = PROBES[train_ds]
+    row["probe"] = {"dataset": probe, "split": split, "ndcg@10": test_ndcg(probe, heads_dir, folder / "eval" / f"{probe}-{split}", split)}
     row["isotropy"] = isotropy(train_ds, heads)
-    if name == "B":
-        row["blends"] = {str(a): blend_scores(train_ds, heads, a, dev) for a in BLENDS}
     folder.mkdir(parents=True, exist_ok=True)
     row_file.write_text(json.dumps(row, indent=1))
     return row
 
 
-def blend_scores(train_ds: str, heads, alpha: float, dev) -> dict:
-    """Dev and test NDCG@10 of alpha * cos(vanilla) + (1 - alpha) * cos(heads): one index of the two
-    normalised vectors side by side, weighted by sqrt(alpha) and sqrt(1 - alpha)."""
+def scores_of(train_ds: str, encode_queries, encode_documents, dev) -> dict:
+    """Dev, zero-shot probe and test NDCG@10 of any query/document encoders (exact search, BEIR conventions)."""
     import torch
-    import torch.nn.functional as F
 
     from jepa_cache.datasets import find_dataset, read_qrels
     from jepa_cache.metrics import score
     from jepa_cache.search import top_k
 
-    def both(x: torch.Tensor, encoded: torch.Tensor) -> np.ndarray:
-        return torch.cat([alpha**0.5 * F.normalize(x, dim=1), (1 - alpha) ** 0.5 * F.normalize(encoded, dim=1)], 1).numpy()
-
     def ndcg(queries, query_ids, corpus, corpus_ids, qrels) -> float:
-        q, d = torch.from_numpy(queries), torch.from_numpy(corpus)
-        hits = top_k(both(d, heads.encode_documents(d)), both(q, heads.encode_queries(q)), 11, "cos", "Flat")
+        q, d = torch.as_tensor(queries), torch.as_tensor(corpus)
+        hits = top_k(encode_documents(d).numpy(), encode_queries(q).numpy(), 11, "cos", "Flat")
         run = {qid: {corpus_ids[r]: float(s) for r, s in zip(rows, scores) if r >= 0 and corpus_ids[r] != qid}
                for qid, rows, scores in zip(query_ids, hits.indices, hits.scores)}
         return score(qrels, run, recall_at=10)[0]["ndcg@10"]
 
-    out = {"dev": ndcg(dev.queries.numpy(), dev.query_ids, dev.corpus.numpy(), dev.corpus_ids, dev.qrels)}
-    for d in EVAL:
+    out = {"dev": ndcg(dev.queries, dev.query_ids, dev.corpus, dev.corpus_ids, dev.qrels)}
+    for d, split in [(d, "test") for d in EVAL] + [PROBES[train_ds]]:
         store = ensure_store(d)
-        qrels = read_qrels(find_dataset(d).qrels_path("test"))
+        qrels = read_qrels(find_dataset(d).qrels_path(split))
         qids = [q for q in qrels if q in store.queries.row_of]
         queries = store.queries.vectors(np.float32, np.array([store.queries.row_of[q] for q in qids]))
-        out[d] = ndcg(queries, qids, store.corpus.vectors(np.float32), store.corpus.ids, {q: qrels[q] for q in qids})
+        out[d if split == "test" else "probe"] = ndcg(queries, qids, store.corpus.vectors(np.float32), store.corpus.ids,
+                                                      {q: qrels[q] for q in qids})
+    return out
+
+
+def posthoc(train_ds: str, name: str, seed: int, dev) -> dict:
+    """Blends (B only) and interpolations of a variant's heads, cached beside its row."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from jepa_cache.config import TrainConfig
+    from jepa_cache.heads import load_heads
+    from jepa_cache.train import build_heads, interpolate_heads, resolve_config
+
+    folder = OUT / train_ds / f"{name}-s{seed}"
+    cache = folder / "posthoc.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    heads = load_heads(folder / "heads")
+    cfg = resolve_config(TrainConfig(**json.loads((folder / "heads" / "config.json").read_text())))
+    torch.manual_seed(cfg.seed)
+    corpus = torch.from_numpy(ensure_store(train_ds).corpus.vectors(np.float32))
+    initial = build_heads(cfg, heads.config.input_dim, corpus).state_dict()
+    out = {}
+    for beta in INTERPOLATIONS:
+        h = interpolate_heads(copy.deepcopy(heads), initial, beta)
+        out[f"interpolate {beta}"] = scores_of(train_ds, h.encode_queries, h.encode_documents, dev)
+    if name == "B":
+        for a in BLENDS:
+            def both(encode, a=a):
+                return lambda x: torch.cat([a**0.5 * F.normalize(x, dim=1), (1 - a) ** 0.5 * F.normalize(encode(x), dim=1)], 1)
+            out[f"blend {a}"] = scores_of(train_ds, both(heads.encode_queries), both(heads.encode_documents), dev)
+    cache.write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -199,7 +242,8 @@ def cell(values: list[float], digits: int = 4) -> str:
 def table(rows: list[dict], train_ds: str, seeds: list[int]) -> str:
     mine = [r for r in rows if r["train"] == train_ds and r["seed"] in seeds]
     zero = [d for d in EVAL if d != train_ds]
-    head = (f"| variant | params | train s | {train_ds} dev | {train_ds} test | " + " | ".join(f"{d} (zero-shot)" for d in zero)
+    probe = "/".join(PROBES[train_ds])
+    head = (f"| variant | params | train s | {train_ds} dev | {probe} probe | {train_ds} test | " + " | ".join(f"{d} (zero-shot)" for d in zero)
             + " | eff. rank | SIGReg/N |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     vanilla = [r for r in mine if r["variant"] == "vanilla"]
@@ -213,14 +257,16 @@ def table(rows: list[dict], train_ds: str, seeds: list[int]) -> str:
             tests = [f"{t} ({np.mean([r['test'][d] for r in got]) - base[d]:+.4f})" for t, d in zip(tests, (train_ds, *zero))]
         iso = [r["isotropy"] for r in got]
         lines.append(f"| {name} | {got[0]['params']:,} | {cell([r['seconds'] for r in got], 1)} | {cell([r['dev'] for r in got])} | "
+                     f"{cell([r['probe']['ndcg@10'] for r in got])} | "
                      + " | ".join(tests) + f" | {np.mean([i['effective_rank'] for i in iso]):.0f} | {np.mean([i['sigreg'] for i in iso]):.4f} |")
-        if name == "B" and all("blends" in r for r in got):
-            for a in BLENDS:
-                b = [r["blends"][str(a)] for r in got]
-                vals = [cell([x[d] for x in b]) for d in (train_ds, *zero)]
-                if base:
-                    vals = [f"{v} ({np.mean([x[d] for x in b]) - base[d]:+.4f})" for v, d in zip(vals, (train_ds, *zero))]
-                lines.append(f"| B + blend α={a} | {got[0]['params']:,} | – | {cell([x['dev'] for x in b])} | " + " | ".join(vals) + " | – | – |")
+        extra = [r.get("posthoc", {}) for r in got]
+        for key in (extra[0] if all(extra) else {}):
+            b = [x[key] for x in extra]
+            vals = [cell([x[d] for x in b]) for d in (train_ds, *zero)]
+            if base:
+                vals = [f"{v} ({np.mean([x[d] for x in b]) - base[d]:+.4f})" for v, d in zip(vals, (train_ds, *zero))]
+            lines.append(f"| {name} + {key.replace('blend', 'blend α=').replace('interpolate', 'interpolate β=')} | {got[0]['params']:,} | – | "
+                         f"{cell([x['dev'] for x in b])} | {cell([x['probe'] for x in b])} | " + " | ".join(vals) + " | – | – |")
     return "\n".join(lines)
 
 
@@ -254,7 +300,9 @@ def main() -> None:
                     print(f"[{train_ds}] {name} s{seed}: dev {row['dev']:.4f} test "
                           + " ".join(f"{d} {v:.4f}" for d, v in row["test"].items()) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = [json.loads(p.read_text()) for p in sorted(OUT.glob("*/*/row.json"))]
-    rows = [r for r in rows if r["variant"] != "vanilla" or True]
+    for r in rows:
+        if r["variant"] in POSTHOC and (not args.table_only or (OUT / r["train"] / f"{r['variant']}-s{r['seed']}" / "posthoc.json").is_file()):
+            r["posthoc"] = posthoc(r["train"], r["variant"], r["seed"], dev_set(r["train"]))
     for r in rows:  # vanilla is deterministic: one row stands for every seed
         if r["variant"] == "vanilla":
             r["seed"] = seeds[0]

@@ -248,7 +248,7 @@ def test_unwritable_out_and_full_disk_are_one_clear_line(tiny_model, tiny_beir, 
     real_write = StoreWriter.write_shard
     monkeypatch.setattr(StoreWriter, "write_shard", disk_full)
     code, err = cli(args + ["--out", str(tmp_path / "s")])
-    assert code == 2 and err.splitlines()[-1] == f"error: {tmp_path / 's' / 'corpus' / 'emb'}: No space left on device (rerun with --debug for the traceback)"
+    assert code == 2 and err.splitlines()[-1] == f"error: {tmp_path / 's' / 'corpus' / 'emb'}: No space left on device; free some space and run the same command again (it resumes; nothing half-written was kept)"
     monkeypatch.setattr(StoreWriter, "write_shard", real_write)
     code, err = cli(args + ["--out", str(tmp_path / "s")])  # space freed: the same command finishes the store
     assert code == 0 and verify_store(tmp_path / "s") == []

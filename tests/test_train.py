@@ -337,7 +337,8 @@ def test_identity_adapter_start_is_vanilla_exactly(synthetic_store, tiny_beir, t
 
     store = synthetic_store(_unit(40, 16, 0), _unit(12, 16, 1), dataset="tiny")
     x_q, x_d = torch.from_numpy(store.queries.vectors()), torch.from_numpy(store.corpus.vectors())
-    cfg = resolve_config(TrainConfig(store="", preset="best", output_dim=16, predictor_hidden=16))
+    cfg = resolve_config(TrainConfig(store="", preset="best", output_dim=16, strategy="frozen-predictor", predictor="residual",
+                                     predictor_hidden=16))
     heads = build_heads(cfg, 16, x_d)
     for tower in ("projection", "predictor"):
         assert torch.equal(F.normalize(heads.encode_queries(x_q, tower), dim=1), F.normalize(x_q, dim=1))
@@ -356,6 +357,7 @@ def test_best_preset_trains_with_a_dev_slice_and_refits(tiny_store, tiny_beir, t
     result = train(_cfg(tiny_store, tiny_beir, tmp_path, preset="best", output_dim=16, epochs=3), **QUIET)
     cfg = result.config
     assert (cfg.projection, cfg.negatives, cfg.sampling, cfg.select, cfg.refit) == ("adapter", "corpus", "queries", "dev", True)
+    assert (cfg.strategy, cfg.predictor) == ("frozen-isotropy", "none") and result.heads.predictor is None  # the preset's strategy
     dev = result.dev
     assert dev["queries"] == 1 and len(dev["ndcg@10"]) == 4 and 0 <= dev["best_epoch"] <= 3  # 6 train queries, 20% held out
     steps = [json.loads(line) for line in (tmp_path / "heads" / "steps.jsonl").read_text().splitlines()]
@@ -378,7 +380,22 @@ def test_new_options_are_checked():
                         (dict(corpus_negatives=-1), "--corpus-negatives")):
         with pytest.raises(UserError, match=message):
             resolve_config(TrainConfig(store="", preset="best", **kw))
+    with pytest.raises(UserError, match="preset best has none"):
+        resolve_config(TrainConfig(store="", preset="best", strategy="frozen-predictor"))
+    assert resolve_config(TrainConfig(store="", preset="best", strategy="frozen-predictor", predictor="residual")).predictor == "residual"
     # the classic presets keep their behaviour: in-batch negatives, pair epochs, cosine schedule, no dev slice
     for preset in ("study",):
         cfg = resolve_config(TrainConfig(store="", preset=preset))
         assert (cfg.negatives, cfg.sampling, cfg.schedule, cfg.dev_fraction, cfg.refit) == ("batch", "pairs", "cosine", 0.0, False)
+
+
+def test_interpolate_moves_the_trained_heads_back_towards_their_start(tiny_store, tiny_beir, tmp_path):
+    common = dict(preset="best", output_dim=16, epochs=2, dev_fraction=0.0, select="last", refit=False)
+    full = train(_cfg(tiny_store, tiny_beir, tmp_path / "full", **common), **QUIET).heads
+    half = train(_cfg(tiny_store, tiny_beir, tmp_path / "half", interpolate=0.5, **common), **QUIET).heads
+    assert full.projection.weight.abs().max() > 0
+    assert torch.allclose(half.projection.weight, 0.5 * full.projection.weight, atol=1e-7)  # the adapter starts at W = 0
+    assert torch.allclose(half.projection.bias, 0.5 * full.projection.bias, atol=1e-7)
+    assert torch.equal(half.projection.scale, full.projection.scale)  # buffers that do not train stay put
+    with pytest.raises(UserError, match="--interpolate"):
+        resolve_config(TrainConfig(store="", interpolate=0.0))
