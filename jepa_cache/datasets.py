@@ -90,7 +90,7 @@ def find_dataset(name_or_path: str, data_dir: str | os.PathLike | None = None, d
     if os.sep in name_or_path or as_path.is_dir():
         if not as_path.is_dir():
             raise UserError(f"dataset folder {as_path} does not exist")
-        return BeirDataset(as_path.name, as_path)
+        return BeirDataset(as_path.resolve().name, as_path)  # `.` or `..` name their folder, never a path step
     name = check_name(name_or_path)
     root = data_root(data_dir)
     folder = root / name

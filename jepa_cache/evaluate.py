@@ -131,7 +131,9 @@ def _check_index(spec: str, dim: int, similarity: str) -> None:
     try:
         faiss.index_factory(dim, spec, metric)
     except RuntimeError as e:
-        raise UserError(f"--faiss-index {spec!r}: not a FAISS index factory string ({str(e).strip().splitlines()[-1]})") from None
+        # FAISS prefixes its reason with the C++ signature and source line: keep the reason
+        reason = re.sub(r"^Error in .*? at \S+:\d+: ", "", str(e).strip().splitlines()[-1])
+        raise UserError(f"--faiss-index {spec!r}: not a FAISS index factory string ({reason}); e.g. Flat, HNSW32, IVF1024,Flat") from None
 
 
 def _prepare(dataset: BeirDataset, cfg: EvalConfig, heads: Any, similarity: str, log: Callable[[str], None]) -> _Prepared:
@@ -141,8 +143,11 @@ def _prepare(dataset: BeirDataset, cfg: EvalConfig, heads: Any, similarity: str,
     qrels_path = dataset.qrels_path(cfg.split)
     qrels = read_qrels(qrels_path)
     store_path = Path(cfg.store) if cfg.store else default_store_path(dataset.name, Path(model_folder_name(cfg.model)))
-    store = open_store(store_path, expect_encoder=heads.encoder_fingerprint if heads is not None else None,
-                       expect_dim=getattr(heads.config, "input_dim", None) if heads is not None else None)
+    store = open_store(store_path, expect_encoder=heads.encoder_fingerprint if heads is not None else None)
+    heads_dim = getattr(heads.config, "input_dim", None) if heads is not None else None
+    if heads_dim is not None and heads_dim != store.dim:
+        raise UserError(f"--heads {cfg.heads or 'heads'}: take {heads_dim}-d vectors, but {store.path} holds {store.dim}-d ones; "
+                        "use heads trained on a store of this encoder")
     _check_dataset(store, dataset)
 
     doc_row, query_row = store.corpus.row_of, store.queries.row_of

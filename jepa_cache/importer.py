@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .build import default_store_path
+from .build import check_writable, default_store_path
 from .config import ImportConfig
 from .datasets import CORPUS_TEMPLATE, QUERY_TEMPLATE, find_dataset, read_ids
 from .errors import UserError
@@ -241,11 +241,13 @@ def _check_values(vec: Vectors, dtype: str, normalize: bool, model_normalizes: b
             bad = ~np.isfinite(block.astype(dtype)).all(axis=1)
         if bad.any():
             row = start + int(np.flatnonzero(bad)[0])
-            raise UserError(f"{vec.label}: row {row} (id {vec.ids[row]!r}) holds NaN/inf (as {dtype}); nothing was written")
+            raise UserError(f"{vec.label}: row {row} (id {vec.ids[row]!r}) of {vec.files['vectors']['path']} holds NaN/inf (as {dtype}); "
+                            "nothing was written")
         norms = np.linalg.norm(block, axis=1)
         if (norms == 0).any():
             row = start + int(np.flatnonzero(norms == 0)[0])
-            raise UserError(f"{vec.label}: row {row} (id {vec.ids[row]!r}) is a zero vector; no encoder makes one")
+            raise UserError(f"{vec.label}: row {row} (id {vec.ids[row]!r}) of {vec.files['vectors']['path']} is a zero vector; "
+                            "no encoder makes one")
         off_unit += int((np.abs(norms - 1) > NORM_TOL).sum())
     if off_unit and not normalize and model_normalizes:
         raise UserError(
@@ -278,6 +280,8 @@ def import_vectors(cfg: ImportConfig, log: Callable[[str], None] = print) -> Sto
     if cfg.dtype not in DTYPES:
         raise UserError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
     dataset = find_dataset(cfg.dataset, cfg.data_dir)
+    out = Path(cfg.out) if cfg.out else default_store_path(dataset.name, Path(model_folder_name(cfg.model)))
+    check_writable(out)
     doc_ids, query_ids = read_ids(dataset.corpus_path), read_ids(dataset.queries_path)
     encoder = declared_encoder(cfg.model, cfg.normalize)
     inputs = {
@@ -288,7 +292,8 @@ def import_vectors(cfg: ImportConfig, log: Callable[[str], None] = print) -> Sto
     if inputs["queries"].dim != dim:
         raise UserError(f"corpus vectors are {dim}-d but query vectors {inputs['queries'].dim}-d; both must come from one encoder")
     if encoder["dim"] is not None and encoder["dim"] != dim:
-        raise UserError(f"vectors are {dim}-d but the declared encoder {encoder['name']} makes {encoder['dim']}-d vectors")
+        raise UserError(f"vectors are {dim}-d but the declared encoder {encoder['name']} makes {encoder['dim']}-d vectors; "
+                        "pass the --model that made them")
     encoder["dim"] = dim
     order = {
         "corpus": _row_order(inputs["corpus"], doc_ids, dataset.corpus_path, complete=True),
@@ -318,7 +323,6 @@ def import_vectors(cfg: ImportConfig, log: Callable[[str], None] = print) -> Sto
         "layout": {"shard_rows": cfg.shard_rows, "chunk_rows": cfg.chunk_rows},
         "import": record,
     }
-    out = Path(cfg.out) if cfg.out else default_store_path(dataset.name, Path(model_folder_name(cfg.model)))
     with exclusive_lock(out, "import"):
         if (out / "zarr.json").is_file() and not cfg.overwrite:
             existing = open_store(out, require_complete=False)

@@ -61,6 +61,52 @@ def _expect(path: Path, where: str, value: Any, kind: type | tuple[type, ...], w
     return value
 
 
+_FIELD_TYPES = {f.name: str(f.type) for f in (*fields(TrainConfig), *fields(LiveConfig))}
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _known_keys(path: Path, where: str, table: dict, known: set[str]) -> None:
+    if unknown := set(table) - known:
+        raise UserError(f"{path}: {where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+
+
+def _name(path: Path, where: str, value: str, what: str) -> str:
+    """A recipe, strategy or dataset name becomes a folder name: no paths, no `..`."""
+    from .datasets import check_name  # noqa: PLC0415
+
+    try:
+        return check_name(value, what)
+    except UserError as e:
+        raise UserError(f"{path}: {where}: {e}") from None
+
+
+def _option_type(path: Path, where: str, value: Any, annotation: str) -> None:
+    """A TOML value of the type the config field declares (`int | None`, `float`, ...), so no TypeError comes later."""
+    kinds = [k.strip() for k in annotation.split("|") if k.strip() != "None"]
+    ok = any(isinstance(value, _TYPES[k]) and (k == "bool" or not isinstance(value, bool)) for k in kinds if k in _TYPES)
+    if not ok and all(k in _TYPES for k in kinds):
+        raise UserError(f"{path}: {where} must be {' or '.join(kinds)}, got {type(value).__name__} {value!r}")
+
+
+def _resolve(path: Path, where: str, strategy: Strategy) -> None:
+    """Resolve a strategy's settings as its stage will, so a bad value is refused before any stage runs."""
+    if strategy.kind == "vanilla":
+        return
+    try:
+        if strategy.kind in LIVE_KINDS:
+            from .live import resolve_live  # noqa: PLC0415
+
+            train_options = {k: v for k, v in strategy.options.items() if k in _TRAIN_FIELDS}
+            resolve_live(LiveConfig(train=TrainConfig(store="", preset=strategy.preset, **train_options), strategy=strategy.kind,
+                                    **{k: v for k, v in strategy.options.items() if k not in _TRAIN_FIELDS}))
+        else:
+            from .train import resolve_config  # noqa: PLC0415
+
+            resolve_config(TrainConfig(store="", strategy=strategy.kind, preset=strategy.preset, **strategy.options))
+    except UserError as e:
+        raise UserError(f"{path}: {where} ({strategy.name}): {e}") from None
+
+
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Parse and validate a recipe; every error names the file and the key."""
     path = Path(path)
@@ -75,9 +121,16 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
     train = _expect(path, "[train]", raw.get("train"), dict, "a table with dataset and split")
     ev = _expect(path, "[eval]", raw.get("eval"), dict, "a table with datasets and split")
+    _known_keys(path, "[train]", train, {"dataset", "split"})
+    _known_keys(path, "[eval]", ev, {"datasets", "split"})
     datasets = _expect(path, "eval.datasets", ev.get("datasets"), list, "a list of dataset names")
     if not datasets or not all(isinstance(d, str) for d in datasets):
         raise UserError(f"{path}: eval.datasets must be a non-empty list of dataset names")
+    for d in datasets:
+        _name(path, "eval.datasets", d, "dataset")
+    data_dir = raw.get("data_dir")
+    if data_dir is not None:
+        _expect(path, "data_dir", data_dir, str, "the folder holding the datasets")
     vectors = raw.get("vectors", "reference")
     if vectors not in VECTORS:
         raise UserError(f"{path}: vectors = {vectors!r}; choose {' or '.join(VECTORS)}")
@@ -85,12 +138,18 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     for i, s in enumerate(_expect(path, "[[strategies]]", raw.get("strategies"), list, "an array of tables")):
         where = f"strategies[{i}]"
         _expect(path, where, s, dict, "a table")
+        _known_keys(path, where, s, {"name", "kind", "preset", "seeds", "options", "query_tower", "similarity"})
         kind = s.get("kind", s.get("name"))
         if kind not in KINDS:
             raise UserError(f"{path}: {where}.kind = {kind!r} is not a strategy; choose one of {', '.join(KINDS)}")
         options = _expect(path, f"{where}.options", s.get("options", {}), dict, "TrainConfig overrides")
         if bad := set(options) - _TRAIN_FIELDS - (_LIVE_FIELDS if kind in LIVE_KINDS else set()):
             raise UserError(f"{path}: {where}.options: unknown setting(s) {', '.join(sorted(bad))}")
+        for key, value in options.items():
+            _option_type(path, f"{where}.options.{key}", value, _FIELD_TYPES[key])
+        for key, allowed in (("query_tower", ("projection", "predictor", "vanilla")), ("similarity", ("cos", "l2"))):
+            if s.get(key) is not None and s[key] not in allowed:
+                raise UserError(f"{path}: {where}.{key} = {s[key]!r}; choose one of {', '.join(allowed)}")
         seeds = _expect(path, f"{where}.seeds", s.get("seeds", [0]), list, "a list of integers")
         if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
             raise UserError(f"{path}: {where}.seeds must be a non-empty list of integers")
@@ -104,10 +163,13 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     names = [s.name for s in strategies]
     if len(set(names)) != len(names):
         raise UserError(f"{path}: strategy names must be unique, got {names}")
+    for i, strategy in enumerate(strategies):
+        _name(path, f"strategies[{i}].name", strategy.name, "strategy")  # it names folders under runs/<name>/
+        _resolve(path, f"strategies[{i}]", strategy)
     return Recipe(
-        name=_expect(path, "name", raw.get("name", path.stem), str, "the run's name"),
+        name=_name(path, "name", _expect(path, "name", raw.get("name", path.stem), str, "the run's name"), "recipe"),
         model=_expect(path, "model", raw.get("model", DEFAULT_MODEL), str, "a hub id or folder"),
-        train_dataset=_expect(path, "train.dataset", train.get("dataset"), str, "a dataset name"),
+        train_dataset=_name(path, "train.dataset", _expect(path, "train.dataset", train.get("dataset"), str, "a dataset name"), "dataset"),
         train_split=_expect(path, "train.split", train.get("split", "train"), str, "a qrels split"),
         eval_datasets=datasets, eval_split=_expect(path, "eval.split", ev.get("split", "test"), str, "a qrels split"),
         strategies=strategies, vectors=vectors, data_dir=raw.get("data_dir"),

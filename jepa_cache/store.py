@@ -254,7 +254,8 @@ def open_store(
         raise UserError(f"{path}: store format version {group.attrs.get('format_version')} is not supported (need {FORMAT_VERSION}); rebuild it")
     store = Store(path, group)
     if require_complete and not store.complete:
-        raise UserError(f"{path}: the build of this store has not finished; re-run the same `jepa-cache build` to complete it")
+        command = "import" if store.imported else "build"
+        raise UserError(f"{path}: the {command} of this store has not finished; re-run the same `jepa-cache {command}` to complete it")
     if expect_dim is not None and store.dim != expect_dim:
         raise UserError(f"{path}: vectors are {store.dim}-d but {expect_dim}-d are expected (different encoder?)")
     if expect_encoder is not None and store.encoder_fingerprint != expect_encoder:

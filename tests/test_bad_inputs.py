@@ -16,10 +16,8 @@ from __future__ import annotations
 import errno
 import gzip
 import json
-import os
 import re
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -154,16 +152,14 @@ def _train(w: World, *extra: str, store: Path | None = None) -> list[str]:
 
 
 def _incomplete_store(w: World) -> Path:
-    """A store whose build never finished: created, one shard written, no finalize."""
-    from jepa_cache.store import StoreWriter
+    """A store whose writer died after its first shard: created, never finalised."""
+    from jepa_cache.store import StoreWriter, open_store
 
-    src = w.store
+    done = open_store(w.store)
+    provenance = {k: done.provenance[k] for k in ("source", "encoder", "dataset", "template", "dim", "dtype", "layout")}
     path = w.root / "unfinished"
-    shutil.copytree(src, path)
-    attrs = json.loads((path / "zarr.json").read_text())
-    attrs["attributes"]["complete"] = False
-    (path / "zarr.json").write_text(json.dumps(attrs))
-    assert StoreWriter  # the writer's own incomplete stores are covered by test_store; here only the flag matters
+    writer = StoreWriter.open_or_create(path, provenance, {"corpus": done.corpus.ids, "queries": done.queries.ids})
+    writer.write_shard("corpus", 0, done.corpus.vectors(rows=slice(0, 16)))
     return path
 
 
@@ -186,18 +182,19 @@ def _needs_no_cuda() -> None:
         pytest.skip("CUDA is available here: --device cuda is valid")
 
 
-def _needs_permissions() -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root ignores file permissions")
-
-
 def _locked_dir(w: World) -> Path:
-    _needs_permissions()
+    """A folder without write permission (skipped where permissions do not bind: root with CAP_DAC_OVERRIDE)."""
     path = w.root / "readonly"
     path.mkdir()
     path.chmod(0o500)
     w.extra["chmod"] = path
-    return path
+    try:
+        (path / "probe").touch()
+    except PermissionError:
+        return path
+    (path / "probe").unlink()
+    path.chmod(0o700)
+    pytest.skip("file permissions do not bind here (root); `setpriv --bounding-set=-dac_override` runs these as a user would")
 
 
 def _heads_json(w: World, mutate: Callable[[dict], None]) -> Path:
@@ -281,8 +278,8 @@ CASES = [
     Case("store path that is not a store", lambda w: _eval(w, store=_not_a_store(w)),
          r"mine: not a jepa-cache store \(no zarr\.json\); build one with `jepa-cache build`"),
     Case("incomplete store at eval", lambda w: _eval(w, store=_incomplete_store(w)),
-         r"unfinished: the build of this store has not finished; re-run the same `jepa-cache build`"),
-    Case("incomplete store at train-heads", lambda w: _train(w, store=_incomplete_store(w)), r"unfinished: the build of this store has not finished"),
+         r"unfinished: the import of this store has not finished; re-run the same `jepa-cache import` to complete it"),
+    Case("incomplete store at train-heads", lambda w: _train(w, store=_incomplete_store(w)), r"unfinished: the import of this store has not finished"),
     Case("store with a truncated shard at eval", lambda w: (_truncate_shard(w), _eval(w))[1],
          r"corpus/emb: unreadable .*a shard file is damaged: run `jepa-cache verify` and rebuild"),
     Case("store of another dataset",
@@ -290,10 +287,10 @@ CASES = [
          r"a store of dataset 'tiny', not 'other'; pass that dataset's store"),
     # --- import ---
     Case("wrong embedding dimension on import", lambda w: [*_import(w)[:-4], "--model", str(w.model), "--out", w.out()],
-         r"vectors are 16-d but the declared encoder .* makes 32-d vectors"),
+         r"vectors are 16-d but the declared encoder .* makes 32-d vectors; pass the --model that made them"),
     Case("NaN in imported vectors",
          lambda w: (np.save(w.vectors / "queries.npy", np.where(np.arange(12)[:, None] == 3, np.nan, _unit(12, DIM, 3)).astype(np.float32)), _import(w))[1],
-         r"queries: row 3 \(id 'q3'\) holds NaN/inf \(as float16\); nothing was written"),
+         r"queries: row 3 \(id 'q3'\) of .*queries\.npy holds NaN/inf \(as float16\); nothing was written"),
     Case("ids count mismatch", lambda w: (_lines(w.vectors / "corpus.ids.txt", [f"d{i}" for i in range(39)]), _import(w))[1],
          r"corpus: 40 vectors in .*corpus\.npy but 39 ids in .*corpus\.ids\.txt; rows and ids must match one to one"),
     Case("vectors in an unknown format", lambda w: _import(w, corpus=str(w.vectors / "corpus.ids.txt")),
@@ -304,7 +301,7 @@ CASES = [
     Case("heads from another encoder at eval", lambda w: _eval(w, "--heads", str(_save_heads(w.root / "other-heads", "sha-of-other"))),
          r"made by encoder synthetic-encoder .* but these heads were trained on encoder sha-of-other; use a store of the same encoder"),
     Case("heads of another width than the store", lambda w: _eval(w, "--heads", str(_save_heads(w.root / "narrow-heads", "sha-of-synthetic-encoder", dim=8))),
-         r"store: vectors are 16-d but 8-d are expected"),
+         r"--heads .*narrow-heads: take 8-d vectors, but .*store holds 16-d ones; use heads trained on a store of this encoder"),
     Case("heads folder without heads", lambda w: _eval(w, "--heads", str(_not_a_store(w))), r"mine/heads\.json: file not found"),
     Case("heads.json without its weights record", lambda w: _eval(w, "--heads", str(_heads_json(w, lambda r: r.pop("weights")))),
          r"odd-heads/heads\.json: .*weights",
@@ -316,7 +313,7 @@ CASES = [
          r"--strategy 'magic': choose one of"),
     Case("negative batch size", lambda w: _train(w, "--batch-size", "-4"), r"--batch-size -4: must be positive"),
     Case("k below 10", lambda w: _eval(w, "--k", "5"), r"--k 5: must be at least 10"),
-    Case("unknown faiss index string", lambda w: _eval(w, "--faiss-index", "Bogus42"), r"--faiss-index 'Bogus42': not a FAISS index factory string"),
+    Case("unknown faiss index string", lambda w: _eval(w, "--faiss-index", "Bogus42"), r"--faiss-index 'Bogus42': not a FAISS index factory string \(could not parse index string Bogus42\); e\.g\. Flat"),
     Case("faiss index that cannot train on the corpus", lambda w: _eval(w, "--faiss-index", "IVF1024,Flat"),
          r"--faiss-index 'IVF1024,Flat': training failed on 40 rows"),
     Case("unknown similarity", lambda w: _eval(w, "--similarity", "dot"), r"--similarity 'dot': choose one of"),
@@ -334,6 +331,18 @@ CASES = [
     Case("recipe with an unknown option", lambda w: ["run", _recipe(w, GOOD_RECIPE.replace('name = "vanilla"', 'kind = "frozen-predictor"\noptions = {btach_size = 4}')),
                                                       "--runs-dir", w.out()],
          r"recipe\.toml: strategies\[0\]\.options: unknown setting\(s\) btach_size"),
+    Case("recipe whose name traverses out", lambda w: ["run", _recipe(w, GOOD_RECIPE.replace('name = "bad"', 'name = "../../elsewhere"')), "--runs-dir", w.out()],
+         r"recipe\.toml: name: recipe name '\.\./\.\./elsewhere' is not allowed"),
+    Case("recipe with a dataset path for a name", lambda w: ["run", _recipe(w, GOOD_RECIPE.replace('datasets = ["tiny"]', 'datasets = ["/etc"]')), "--runs-dir", w.out()],
+         r"recipe\.toml: eval\.datasets: dataset name '/etc' is not allowed"),
+    Case("recipe option of the wrong type", lambda w: ["run", _recipe(w, GOOD_RECIPE.replace('name = "vanilla"', 'kind = "frozen-predictor"\noptions = {batch_size = "4"}')),
+                                                        "--runs-dir", w.out()],
+         r"recipe\.toml: strategies\[0\]\.options\.batch_size must be int, got str '4'"),
+    Case("recipe option with a bad value", lambda w: ["run", _recipe(w, GOOD_RECIPE.replace('name = "vanilla"', 'kind = "frozen-predictor"\noptions = {batch_size = -4}')),
+                                                       "--runs-dir", w.out()],
+         r"recipe\.toml: strategies\[0\] \(frozen-predictor\): --batch-size -4: must be positive"),
+    Case("recipe strategy with a misspelt key", lambda w: ["run", _recipe(w, GOOD_RECIPE + "seed = [1]\n"), "--runs-dir", w.out()],
+         r"recipe\.toml: strategies\[0\]: unknown key\(s\) seed; known: "),
     Case("recipe that does not exist", lambda w: ["run", str(w.root / "absent.toml")], r"absent\.toml: recipe not found"),
     # --- outputs ---
     Case("eval --out inside a file", lambda w: ((w.root / "a-file").write_text("x"), _eval(w)[:-2] + ["--out", str(w.root / "a-file" / "o")])[1],
@@ -342,6 +351,8 @@ CASES = [
          r"a-file: File exists; a file of that name is in the way; choose another path"),
     Case("unwritable eval --out", lambda w: _eval(w)[:-2] + ["--out", str(_locked_dir(w) / "o")], r"readonly is not writable; choose another --out"),
     Case("unwritable import --out", lambda w: _import(w)[:-2] + ["--out", str(_locked_dir(w) / "o")], r"readonly is not writable; choose another --out"),
+    Case("unwritable train-heads --out", lambda w: _train(w)[:6] + [str(_locked_dir(w) / "o")] + _train(w)[7:],
+         r"readonly/\.o\.lock: Permission denied; check the permissions, or choose another --out"),
     Case("verify of a folder that is not a store", lambda w: ["verify", str(_not_a_store(w))], r"mine: not a jepa-cache store"),
 ]
 
@@ -377,21 +388,31 @@ def test_debug_shows_the_traceback(world, cli, capsys):
 # What is not an error: warned, counted, and scored as BEIR does
 
 
-def test_qrels_naming_absent_documents_warn_with_the_count_and_count_as_misses(world, cli, capsys):
+def _invoke(argv: list[str]):
+    """A command that succeeds, through typer's CliRunner (stdout and the exit code)."""
+    from typer.testing import CliRunner
+
+    from jepa_cache.cli import app
+
+    return CliRunner().invoke(app, argv, env={"COLUMNS": "200"})
+
+
+def test_qrels_naming_absent_documents_warn_with_the_count_and_count_as_misses(world):
     """ArguAna's official qrels name 5 documents absent from its corpus: keep them as misses, say how many."""
     _append(world.data / "qrels" / "test.tsv", "q7\tgone1\t1\nq8\tgone2\t2\n")
-    code, err = cli(_eval(world))
-    assert code == 0, err
+    result = _invoke(_eval(world))
+    assert result.exit_code == 0, result.output
+    assert "tiny: 2 qrels name documents absent from the corpus (e.g. 'gone1'); they count as misses" in result.output
     results = json.loads((world.root / "out" / "results.json").read_text())["datasets"]["tiny"]
     assert results["qrels"]["absent_docs"] == 2 and set(results["qrels"]["absent_examples"]) == {"gone1", "gone2"}
-    assert results["queries"]["judged"] == 6  # no query dropped
+    assert results["queries"]["judged"] == 6  # no query dropped: q7 and q8 keep their other judgements, the absent ones are misses
 
 
-def test_qrels_naming_unknown_queries_warn_and_score_zero(world, cli, capsys):
+def test_qrels_naming_unknown_queries_warn_and_score_zero(world):
     _append(world.data / "qrels" / "test.tsv", "qx1\td1\t1\n")
-    capsys.readouterr()
-    code, err = cli(_eval(world))
-    assert code == 0, err
+    result = _invoke(_eval(world))
+    assert result.exit_code == 0, result.output
+    assert "tiny: 1 judged queries have no vector in" in result.output and "(e.g. 'qx1'); they score 0" in result.output
     results = json.loads((world.root / "out" / "results.json").read_text())["datasets"]["tiny"]
     assert results["queries"] == {"judged": 7, "searched": 6, "without_vector": 1}
 
@@ -516,3 +537,15 @@ def test_arbitrary_bytes_in_a_qrels_file_fail_naming_it(tmp_path_factory, data):
         read_qrels(path)
     except UserError as e:
         assert str(e).startswith(str(path)) and "\n" not in str(e)
+
+
+def test_a_dataset_given_as_dot_is_named_after_its_folder(world, monkeypatch):
+    """`--dataset .` inside a BEIR folder: the name (and so data/cache/<name>/...) is the folder's, never `.` or `..`."""
+    from jepa_cache.build import default_store_path
+    from jepa_cache.datasets import find_dataset
+
+    monkeypatch.chdir(world.data)
+    assert find_dataset(".").name == "tiny"
+    monkeypatch.chdir(world.data / "qrels")
+    assert find_dataset("..").name == "tiny"
+    assert default_store_path(find_dataset("..").name, Path("m")) == Path("data/cache/tiny/m")

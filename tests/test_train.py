@@ -399,3 +399,20 @@ def test_interpolate_moves_the_trained_heads_back_towards_their_start(tiny_store
     assert torch.equal(half.projection.scale, full.projection.scale)  # buffers that do not train stay put
     with pytest.raises(UserError, match="--interpolate"):
         resolve_config(TrainConfig(store="", interpolate=0.0))
+
+
+def test_cli_train_heads_best_options(tiny_store, tiny_beir, tmp_path):
+    from typer.testing import CliRunner
+
+    from jepa_cache.cli import app
+
+    out = tmp_path / "cli-best"
+    result = CliRunner().invoke(app, ["train-heads", "--store", str(tiny_store.path), "--dataset", str(tiny_beir), "--out", str(out),
+                                      "--preset", "best", "--output-dim", "16", "--epochs", "2", "--device", "cpu",
+                                      "--negatives", "mined", "--mine-k", "3", "--no-refit", "--interpolate", "0.5", "--rank", "4"])
+    assert result.exit_code == 0, result.output
+    assert "dev NDCG@10 by epoch" in result.output and "adapter rank 4 projection" in result.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["strategy"], config["negatives"], config["mine_k"], config["refit"], config["interpolate"], config["rank"]) == \
+        ("frozen-isotropy", "mined", 3, False, 0.5, 4)
+    assert load_heads(out).meta["training"]["dev"]["best_epoch"] in (0, 1, 2)
