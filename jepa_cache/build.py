@@ -16,16 +16,11 @@ from typing import Callable
 from .config import BuildConfig
 from .datasets import CORPUS_TEMPLATE, QUERY_TEMPLATE, BeirDataset, corpus_text, find_dataset, iter_records, query_text, read_ids
 from .errors import UserError
-from .files import atomic_write_json, exclusive_lock
+from .files import atomic_write_json, check_writable, exclusive_lock
 from .models import canonical_name, resolve_model, weights_sha256
-from .store import DTYPES, SECTIONS, Store, StoreWriter, open_store
+from .store import DTYPES, SECTIONS, Store, StoreWriter, default_store_path, open_store
 
-DEFAULT_CACHE_DIR = Path("data/cache")
 TEXT_OF = {"corpus": corpus_text, "queries": query_text}
-
-
-def default_store_path(dataset: str, model_folder: Path) -> Path:
-    return DEFAULT_CACHE_DIR / dataset / model_folder.name
 
 
 def check_options(cfg: BuildConfig) -> None:
@@ -39,17 +34,6 @@ def check_options(cfg: BuildConfig) -> None:
 
 def _paths(dataset: BeirDataset) -> dict[str, Path]:
     return {"corpus": dataset.corpus_path, "queries": dataset.queries_path}
-
-
-def check_writable(out: Path) -> None:
-    """Refuse an --out that cannot be written before any work is done (its nearest existing folder decides)."""
-    ancestor = out.absolute()
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if ancestor != out.absolute() and not ancestor.is_dir():
-        raise UserError(f"--out {out}: {ancestor} is a file, not a folder; choose another --out")
-    if not os.access(ancestor if ancestor.is_dir() else ancestor.parent, os.W_OK):
-        raise UserError(f"--out {out}: {ancestor} is not writable; choose another --out")
 
 
 def _existing(out: Path, wanted: dict) -> Store | None:

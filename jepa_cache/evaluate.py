@@ -23,15 +23,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .build import check_writable, default_store_path
 from .config import EvalConfig
 from .datasets import BeirDataset, find_dataset, read_qrels
 from .errors import UserError
-from .files import atomic_path, atomic_write_bytes, atomic_write_json, exclusive_lock
-from .importer import model_folder_name
+from .files import atomic_path, atomic_write_bytes, atomic_write_json, check_writable, exclusive_lock
 from .metrics import score
 from .search import EXACT, _faiss, check_similarity, recall_vs_exact, top_k
-from .store import Store, now_iso, open_store, package_versions
+from .models import model_folder_name
+from .store import Store, default_store_path, now_iso, open_store, package_versions
 
 TOWERS = ("vanilla", "projection", "predictor")
 DEFAULT_RUNS_DIR = Path("runs/eval")

@@ -141,3 +141,14 @@ def safe_extract(archive: zipfile.ZipFile, dest: str | os.PathLike) -> None:
         if (info.external_attr >> 16) & 0o170000 == 0o120000:
             raise UserError(f"{archive.filename}: member {info.filename!r} is a symbolic link; refusing")
     archive.extractall(dest)
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be written before any work is done (its nearest existing folder decides)."""
+    ancestor = out.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if ancestor != out.absolute() and not ancestor.is_dir():
+        raise UserError(f"--out {out}: {ancestor} is a file, not a folder; choose another --out")
+    if not os.access(ancestor if ancestor.is_dir() else ancestor.parent, os.W_OK):
+        raise UserError(f"--out {out}: {ancestor} is not writable; choose another --out")

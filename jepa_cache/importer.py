@@ -21,13 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .build import check_writable, default_store_path
 from .config import ImportConfig
 from .datasets import CORPUS_TEMPLATE, QUERY_TEMPLATE, find_dataset, read_ids
 from .errors import UserError
-from .files import exclusive_lock, read_json, sha256_file
-from .models import KNOWN, canonical_name, resolve_model, weights_sha256
-from .store import DTYPES, SECTIONS, Store, StoreWriter, open_store
+from .files import check_writable, exclusive_lock, read_json, sha256_file
+from .models import canonical_name, model_folder_name, resolve_model, weights_sha256
+from .store import DTYPES, SECTIONS, Store, StoreWriter, default_store_path, open_store
 
 # A unit vector stored in float16 keeps its norm within ~1e-4; 1e-3 flags vectors that were never normalised.
 NORM_TOL = 1e-3
@@ -53,15 +52,6 @@ class Vectors:
     @property
     def dim(self) -> int:
         return int(self.data.shape[1])
-
-
-def model_folder_name(model: str) -> str:
-    """The folder name a model resolves to under data/models/, without needing it on disk."""
-    path = Path(model).expanduser()
-    if path.exists():
-        return path.name
-    full = canonical_name(model)
-    return KNOWN[full].folder if full in KNOWN else full.replace("/", "__")
 
 
 def _file_record(path: Path, fmt: str) -> dict:

@@ -82,6 +82,17 @@ def weights_sha256(folder: Path) -> str:
     return sha256_file(weights_file(folder))
 
 
+def model_folder_name(model: str) -> str:
+    """The folder name a model resolves to (a local folder's own name), without needing it on disk."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path.name
+    full = canonical_name(model)
+    if "/" not in full and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", full):
+        return full  # a bare declared name (e.g. an imported store's encoder): used as is
+    return local_folder_name(full)
+
+
 def local_folder_name(full: str) -> str:
     """The folder under data/models/ for a canonical model name; refuses what is not a hub id."""
     if full in KNOWN:

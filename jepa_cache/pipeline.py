@@ -207,18 +207,18 @@ class Runner:
             return build(BuildConfig(dataset=dataset, model=str(encoder), out=str(out), data_dir=self.recipe.data_dir), log=self.log)
         if dataset in self.stores:
             return self.stores[dataset]
-        from .build import build, default_store_path  # noqa: PLC0415
+        from .build import build  # noqa: PLC0415
         from .config import BuildConfig  # noqa: PLC0415
-        from .models import resolve_model  # noqa: PLC0415
-        from .store import open_store  # noqa: PLC0415
+        from .models import model_folder_name, resolve_model  # noqa: PLC0415
+        from .store import DEFAULT_CACHE_DIR, default_store_path, open_store  # noqa: PLC0415
 
         reference = Path(os.environ.get(REFERENCE_ENV, "")) / dataset if os.environ.get(REFERENCE_ENV) else None
         use_reference = (self.recipe.vectors == "reference" and not self.encode and reference is not None
                          and (reference / "corpus.f32.npy").is_file() and self.recipe.model == DEFAULT_MODEL)
         if use_reference:
-            from .importer import import_vectors, model_folder_name  # noqa: PLC0415
+            from .importer import import_vectors  # noqa: PLC0415
 
-            out = Path("data/cache") / dataset / f"{model_folder_name(self.recipe.model)}.imported"
+            out = DEFAULT_CACHE_DIR / dataset / f"{model_folder_name(self.recipe.model)}.imported"
             if (out / "zarr.json").is_file():
                 store = open_store(out)
                 self.reused += 1

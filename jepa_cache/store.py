@@ -45,6 +45,7 @@ DEFAULT_CHUNK_ROWS = 128
 # What must match for two builds to be the same store (time stamps and library versions may differ).
 IDENTITY_KEYS = ("format", "format_version", "source", "encoder", "dataset", "template", "dtype", "layout")
 DTYPES = ("float16", "float32")
+DEFAULT_CACHE_DIR = Path("data/cache")
 
 
 def _zarr():
@@ -63,6 +64,10 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+def default_store_path(dataset: str, model_folder: Path) -> Path:
+    return DEFAULT_CACHE_DIR / dataset / model_folder.name
 
 
 def now_iso() -> str:

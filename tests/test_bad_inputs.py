@@ -541,7 +541,7 @@ def test_arbitrary_bytes_in_a_qrels_file_fail_naming_it(tmp_path_factory, data):
 
 def test_a_dataset_given_as_dot_is_named_after_its_folder(world, monkeypatch):
     """`--dataset .` inside a BEIR folder: the name (and so data/cache/<name>/...) is the folder's, never `.` or `..`."""
-    from jepa_cache.build import default_store_path
+    from jepa_cache.store import default_store_path
     from jepa_cache.datasets import find_dataset
 
     monkeypatch.chdir(world.data)
