@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .models import DEFAULT_MODEL
+from .presets import DEFAULT_PRESET
 from .store import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_ROWS
 
 
@@ -71,7 +72,7 @@ class EvalConfig:
 class TrainConfig:
     """Stage 2: train retrieval heads on a store's cached vectors.
 
-    Fields left None take their value from `preset` (see `train.PRESETS`); the `config.json`
+    Fields left None take their value from `preset` (see `PRESETS`); the `config.json`
     written beside the heads holds every value resolved, so a run can be repeated exactly.
     """
 
@@ -83,7 +84,7 @@ class TrainConfig:
     pairs: str | None = None  # a pairs/triples file of ids (JSONL or Parquet) instead of qrels
     max_pairs: int | None = None  # a seeded subset of the pairs (quick runs, the live benchmark)
     strategy: str | None = None  # frozen-predictor | frozen-isotropy (projection only); default: the preset's
-    preset: str = "default"
+    preset: str = DEFAULT_PRESET
     # heads
     output_dim: int | None = None
     projection: str | None = None

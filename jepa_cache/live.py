@@ -398,7 +398,7 @@ def resolve_live(cfg: LiveConfig) -> LiveConfig:
         # encoder that no longer exists.
         raise UserError(f"--strategy full trains the encoder: it takes in-batch negatives, no dev slice and no interpolation "
                         f"(preset {tcfg.preset!r} has negatives={tcfg.negatives}, dev_fraction={tcfg.dev_fraction}, "
-                        f"interpolate={tcfg.interpolate}); use preset default or study, or hybrid, whose phase 1 takes them")
+                        f"interpolate={tcfg.interpolate}); use preset jepa or study, or hybrid, whose phase 1 takes them")
     return resolved
 
 
@@ -505,8 +505,9 @@ def train_live(cfg: LiveConfig, log: Callable[[str], None] = print) -> LiveResul
     hybrid `phase1/` (a train-heads folder) and, without a dev split, phase1-pairs.jsonl.
     """
     cfg = resolve_live(cfg)
+    store = open_store(cfg.train.store)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dim=cfg.train.output_dim or store.dim))
     tcfg = cfg.train
-    store = open_store(tcfg.store)
     out = Path(tcfg.out) if tcfg.out else default_out(cfg, store.dataset_name)
     if (out / SUMMARY_FILE).exists() and not tcfg.overwrite:
         raise UserError(f"{out}: already holds a train-live result; choose another --out or pass --overwrite")

@@ -19,6 +19,7 @@ from .config import EvalConfig, ImportConfig, LiveConfig, TrainConfig
 from .errors import UserError
 from .files import atomic_write_bytes, atomic_write_json, canonical_hash, read_json
 from .models import DEFAULT_MODEL
+from .presets import DEFAULT_PRESET, LIVE_PRESET
 
 REFERENCE_ENV = "JEPA_CACHE_REFERENCE"
 KINDS = ("vanilla", "frozen-isotropy", "frozen-predictor", "full", "hybrid")
@@ -34,7 +35,7 @@ class Strategy:
 
     name: str
     kind: str
-    preset: str = "default"
+    preset: str = DEFAULT_PRESET  # LIVE_PRESET for `full`
     seeds: list[int] = field(default_factory=lambda: [0])
     options: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
     query_tower: str | None = None
@@ -155,7 +156,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             raise UserError(f"{path}: {where}.seeds must be a non-empty list of integers")
         strategies.append(Strategy(
             name=_expect(path, f"{where}.name", s.get("name", kind), str, "a label"), kind=kind,
-            preset=_expect(path, f"{where}.preset", s.get("preset", "default"), str, "a preset name"),
+            preset=_expect(path, f"{where}.preset", s.get("preset", LIVE_PRESET if kind == "full" else DEFAULT_PRESET), str, "a preset name"),
             seeds=seeds, options=options, query_tower=s.get("query_tower"), similarity=s.get("similarity"),
         ))
     if not strategies:

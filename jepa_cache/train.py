@@ -49,6 +49,7 @@ from .encoder import pick_device
 from .errors import UserError
 from .files import atomic_write_json, exclusive_lock
 from .heads import META_FILE, Heads, HeadsConfig, describe, save_heads
+from .presets import PRESETS
 from .losses import PART_NAMES, JEPASIGRegLoss, first_nonfinite
 from .store import Store, now_iso, open_store
 
@@ -63,50 +64,6 @@ SCHEDULES = ("cosine", "constant")
 SELECTS = ("last", "dev")
 DEV_SEED = 0  # the held-out dev slice is the same for every --seed, so seeds are compared on one slice
 
-# What the batch-and-pairs presets share: in-batch negatives, pair epochs, no dev slice.
-_CLASSIC = dict(negatives="batch", sampling="pairs", mine_k=32, corpus_negatives=0, rank=0, schedule="cosine",
-                dev_fraction=0.0, select="last", refit=False, interpolate=1.0)
-
-# Every preset sets every preset-controlled field of TrainConfig.
-PRESETS: dict[str, dict] = {
-    # Linear PCA-initialised projection (step 0 keeps most of vanilla), residual predictor (starts
-    # as the identity), cosine retrieval, InfoNCE + real SIGReg.
-    "default": dict(
-        strategy="frozen-predictor", output_dim=512, projection="linear", projection_hidden=1536, predictor="residual", predictor_hidden=1024,
-        dropout=0.1, init="pca", similarity="cos", query_tower="projection",
-        contrastive="infonce", isotropy="sigreg", predictive="cosine", temperature=0.05, margin=1.0,
-        lambda_predictive=0.5, lambda_contrastive=0.1, lambda_isotropy=1.0, lambda_reg=0.0, use_stopgrad=True,
-        directions=256, epochs=2, batch_size=256, lr=5e-4, weight_decay=0.01, warmup=0.05, grad_clip=1.0, **_CLASSIC,
-    ),
-    # The study's heads and loss, kept for a faithful comparison: MLP projection 768→1536→512
-    # (1.97M params) and MLP predictor 512→1024→512 (1.05M), PyTorch's random init, raw outputs
-    # compared by L2, triplet (margin 1.0; without triples the negative is mined in the batch: the
-    # nearest non-positive document, where the study also mined among queries) +
-    # covariance isotropy, MSE predictive term, batch 16, heads at 5e-4.
-    # Where we necessarily differ: its frozen encoder ran in train mode (dropout on, so each
-    # text's vector changed every step); the cache holds the deterministic eval-mode vector.
-    # Bugs not copied: its head learning rate silently fell to ~2e-6 and its scheduler stepped
-    # once per epoch, so its heads barely trained; here the schedule steps every batch.
-    "study": dict(
-        strategy="frozen-predictor", output_dim=512, projection="mlp", projection_hidden=1536, predictor="mlp", predictor_hidden=1024,
-        dropout=0.1, init="random", similarity="l2", query_tower="projection",
-        contrastive="triplet", isotropy="covariance", predictive="mse", temperature=0.05, margin=1.0,
-        lambda_predictive=0.5, lambda_contrastive=0.1, lambda_isotropy=1.0, lambda_reg=0.0, use_stopgrad=True,
-        directions=256, epochs=2, batch_size=16, lr=5e-4, weight_decay=0.01, warmup=0.05, grad_clip=1.0, **_CLASSIC,
-    ),
-}
-# The recipe that wins on these cached vectors (pipelines/ABLATION.md; `python pipelines/ablation.py`):
-# a residual linear adapter x + Wx shared by queries and documents that starts exactly at vanilla,
-# InfoNCE over the whole cached corpus plus SIGReg (λ 3: it costs nothing in-domain and keeps the
-# zero-shot collections where vanilla has them), query epochs at a constant rate, at most 4 of them,
-# the epoch chosen on a held-out 20% of the training queries, then a refit on all of them. No
-# predictor: as a training-only JEPA term it changed nothing, as the query tower it over-fitted.
-PRESETS["best"] = dict(
-    PRESETS["default"], strategy="frozen-isotropy", output_dim=768, projection="adapter", init="identity", predictor="none",
-    query_tower="projection", lambda_predictive=0.0, lambda_contrastive=1.0, lambda_isotropy=3.0, temperature=0.05, epochs=4, batch_size=64,
-    lr=2e-4, weight_decay=0.01, warmup=0.0, grad_clip=1.0, negatives="corpus", sampling="queries", schedule="constant",
-    dev_fraction=0.2, select="dev", refit=True,
-)
 HEADS_FIELDS = tuple(f.name for f in dataclasses.fields(HeadsConfig) if f.name != "input_dim")
 
 
@@ -668,7 +625,8 @@ def default_out(cfg: TrainConfig, dataset: str) -> Path:
 
 
 def build_heads(cfg: TrainConfig, input_dim: int, init_vectors: Tensor | None) -> Heads:
-    heads_cfg = HeadsConfig(input_dim=input_dim, **{k: getattr(cfg, k) for k in HEADS_FIELDS})
+    fields = {k: getattr(cfg, k) for k in HEADS_FIELDS}
+    heads_cfg = HeadsConfig(input_dim=input_dim, **{**fields, "output_dim": cfg.output_dim or input_dim})  # 0: the encoder's width
     return Heads(heads_cfg, init_vectors if heads_cfg.init != "random" else None)
 
 
@@ -748,6 +706,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """
     cfg = resolve_config(cfg)
     store = open_store(cfg.store)
+    cfg = dataclasses.replace(cfg, output_dim=cfg.output_dim or store.dim)  # recorded as the width it is
     pairs = load_pairs(cfg, store)
     out = Path(cfg.out) if cfg.out else default_out(cfg, store.dataset_name)
     if (out / META_FILE).exists() and not cfg.overwrite:

@@ -44,7 +44,7 @@ B = dict(preset="best", refit=False, lambda_isotropy=0.0, epochs=4)
 VARIANTS: dict[str, tuple[str, dict, str]] = {
     "vanilla": ("all-mpnet-base-v2 as is", {}, "none"),
     "study": ("the study's heads and loss (preset study)", dict(preset="study", dev_fraction=0.2), "frozen-predictor"),
-    "default": ("the old default preset: PCA 768→512 linear + residual predictor, in-batch, SIGReg", dict(preset="default", dev_fraction=0.2), "frozen-predictor"),
+    "jepa": ("the preset jepa: PCA 768→512 linear + residual predictor, in-batch, SIGReg", dict(preset="jepa", dev_fraction=0.2), "frozen-predictor"),
     "B": ("adapter x+Wx (identity start), InfoNCE over the whole corpus, query epochs, lr 2e-4 const, 4 epochs, epoch chosen on dev", B, "frozen-isotropy"),
     "B-batch": ("B, in-batch negatives only", dict(B, negatives="batch"), "frozen-isotropy"),
     "B-mined": ("B, in-batch + 1 of 32 FAISS-mined hard negatives per query", dict(B, negatives="mined"), "frozen-isotropy"),

@@ -39,7 +39,7 @@ def store(tiny_model, tmp_path_factory):
 def _train(store, out, **kw):
     built, dataset = store
     cfg = TrainConfig(store=str(built.path), dataset=str(dataset.root), out=str(out), batch_size=4, epochs=2, device="cpu",
-                      projection_hidden=16, predictor_hidden=16, **kw)
+                      projection_hidden=16, predictor_hidden=16, **{"preset": "jepa", **kw})
     train(cfg, log=lambda s: None)
     return out
 
@@ -50,7 +50,7 @@ def _texts(path, text_of):
 
 # default: linear projection + residual predictor, cos; study: MLP + MLP, raw L2;
 # best: the identity-started adapter, whose fixed scale is a buffer that must travel too.
-@pytest.mark.parametrize("preset,kw", [("default", dict(output_dim=16)), ("study", dict(output_dim=16)), ("best", dict(output_dim=32))])
+@pytest.mark.parametrize("preset,kw", [("jepa", dict(output_dim=16)), ("study", dict(output_dim=16)), ("best", dict(output_dim=32))])
 def test_exported_model_encodes_as_eval_does(preset, kw, store, tmp_path, cli):
     heads_dir = _train(store, tmp_path / "heads", preset=preset, **kw)
     heads = load_heads(heads_dir)

@@ -17,7 +17,7 @@ from jepa_cache.models import weights_sha256
 from jepa_cache.train import train
 
 QUIET = dict(log=lambda s: None)
-SMALL = dict(output_dim=8, projection_hidden=16, predictor_hidden=16, batch_size=4, epochs=2, device="cpu")
+SMALL = dict(preset="jepa", output_dim=8, projection_hidden=16, predictor_hidden=16, batch_size=4, epochs=2, device="cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -268,10 +268,12 @@ name = "full"
 options = {{ {heads}, encoder_lr = 1e-3, encoder_dropout = false }}
 [[strategies]]
 name = "hybrid"
+preset = "jepa"
 options = {{ {heads}, threshold = 0.0 }}
 [[strategies]]
 name = "hybrid-stopped"
 kind = "hybrid"
+preset = "jepa"
 options = {{ {heads}, threshold = 1.01 }}
 """)
     summary = Runner(load_recipe(recipe), runs_dir=tmp_path / "runs", **QUIET).run()
@@ -294,12 +296,12 @@ options = {{ {heads}, threshold = 1.01 }}
 def test_live_options_are_checked():
     from jepa_cache.live import resolve_live
 
-    full = resolve_live(LiveConfig(train=TrainConfig(store=""), strategy="full"))
-    hybrid = resolve_live(LiveConfig(train=TrainConfig(store=""), strategy="hybrid"))
+    full = resolve_live(LiveConfig(train=TrainConfig(store="", preset="jepa"), strategy="full"))
+    hybrid = resolve_live(LiveConfig(train=TrainConfig(store="", preset="jepa"), strategy="hybrid"))
     assert (full.head_lr, hybrid.head_lr, hybrid.phase2_epochs) == (1e-3, hybrid.train.lr, hybrid.train.epochs)
     with pytest.raises(UserError, match="in-batch negatives"):
         resolve_live(LiveConfig(train=TrainConfig(store="", preset="best"), strategy="full"))
     resolve_live(LiveConfig(train=TrainConfig(store="", preset="best"), strategy="hybrid"))  # phase 1 takes them
     for bad in (dict(head_lr=0.0), dict(encoder_lr=-1.0), dict(val_fraction=1.0), dict(phase2_epochs=0)):
         with pytest.raises(UserError):
-            resolve_live(LiveConfig(train=TrainConfig(store=""), strategy="hybrid", **bad))
+            resolve_live(LiveConfig(train=TrainConfig(store="", preset="jepa"), strategy="hybrid", **bad))

@@ -50,7 +50,7 @@ def tiny_store(synthetic_store):
 
 
 def _cfg(store, tiny_beir, tmp_path, **kw):
-    base = dict(store=str(store.path), dataset=str(tiny_beir), out=str(tmp_path / "heads"), output_dim=8, batch_size=4,
+    base = dict(store=str(store.path), dataset=str(tiny_beir), out=str(tmp_path / "heads"), preset="jepa", output_dim=8, batch_size=4,
                 epochs=2, device="cpu", predictor_hidden=16, projection_hidden=16)
     return TrainConfig(**{**base, **kw})
 
@@ -61,8 +61,8 @@ def test_train_writes_heads_config_and_steps(tiny_store, tiny_beir, tmp_path):
     assert {p.name for p in out.iterdir()} >= {"heads.safetensors", "heads.json", "config.json", "steps.jsonl"}
     assert not list(out.glob(".*partial"))
     config = json.loads((out / "config.json").read_text())
-    assert all(config[k] is not None for k in PRESETS["default"])  # every preset value resolved and recorded
-    assert config["output_dim"] == 8 and config["lr"] == PRESETS["default"]["lr"]
+    assert all(config[k] is not None for k in PRESETS["jepa"])  # every preset value resolved and recorded
+    assert config["output_dim"] == 8 and config["lr"] == PRESETS["jepa"]["lr"]
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == len(result.history) == 2 * 3  # 12 train pairs, batch 4, 2 epochs
     for step in steps:
@@ -91,7 +91,7 @@ def test_only_head_parameters_receive_gradients(tiny_store):
     queries = torch.from_numpy(tiny_store.queries.vectors(rows=index.query_rows))
     docs = torch.from_numpy(tiny_store.corpus.vectors(rows=index.doc_rows))
     kept = queries.clone(), docs.clone()
-    cfg = resolve_config(TrainConfig(store="", output_dim=8, predictor_hidden=16))
+    cfg = resolve_config(TrainConfig(store="", preset="jepa", output_dim=8, predictor_hidden=16))
     torch.manual_seed(0)
     heads = build_heads(cfg, 16, docs)
     before = {k: v.clone() for k, v in heads.state_dict().items()}
@@ -125,7 +125,7 @@ def test_a_fixed_linear_map_is_learned(synthetic_store, tmp_path):
     store = synthetic_store(queries @ rotation.T, queries)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"query_id": f"q{i}", "doc_id": f"d{i}"}) + "\n" for i in range(n)))
-    result = train(TrainConfig(store=str(store.path), pairs=str(pairs), out=str(tmp_path / "h"), output_dim=dim, predictor="mlp",
+    result = train(TrainConfig(store=str(store.path), pairs=str(pairs), out=str(tmp_path / "h"), preset="jepa", output_dim=dim, predictor="mlp",
                                predictor_hidden=64, dropout=0.0, batch_size=64, epochs=30, lr=3e-3, device="cpu"), **QUIET)
     q, d = torch.from_numpy(queries), torch.from_numpy(store.corpus.vectors())
     vanilla = float(((q @ d.T).argmax(1) == torch.arange(n)).float().mean())
@@ -143,7 +143,7 @@ def test_pairs_and_triples_files(tiny_store, tmp_path):
     parquet = tmp_path / "pairs.parquet"
     pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("query_id", "doc_id")} for r in rows]), parquet)
     for path, contrastive in ((jsonl, "infonce"), (jsonl, "triplet"), (parquet, "infonce")):
-        result = train(TrainConfig(store=str(tiny_store.path), pairs=str(path), out=str(tmp_path / f"h-{path.suffix}-{contrastive}"),
+        result = train(TrainConfig(store=str(tiny_store.path), preset="jepa", pairs=str(path), out=str(tmp_path / f"h-{path.suffix}-{contrastive}"),
                                    contrastive=contrastive, output_dim=8, batch_size=4, epochs=1, device="cpu"), **QUIET)
         assert len(result.history) == 3 and all(np.isfinite(r["loss"]) for r in result.history)
     bad = tmp_path / "bad.jsonl"
@@ -181,7 +181,7 @@ def test_frozen_isotropy_trains_the_projection_only(tiny_store, tiny_beir, tmp_p
     with pytest.raises(UserError, match="projection only"):
         resolve_config(TrainConfig(store="", strategy="frozen-isotropy", predictor="mlp"))
     with pytest.raises(UserError, match="needs a predictor"):
-        resolve_config(TrainConfig(store="", predictor="none"))
+        resolve_config(TrainConfig(store="", preset="jepa", predictor="none"))
 
 
 def test_study_preset_resolves_to_the_studys_settings():
@@ -200,14 +200,22 @@ def test_cli_train_heads(tiny_store, tiny_beir, tmp_path):
 
     out = tmp_path / "cli-heads"
     result = CliRunner().invoke(app, ["train-heads", "--store", str(tiny_store.path), "--dataset", str(tiny_beir), "--out", str(out),
-                                      "--output-dim", "8", "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--no-stopgrad"])
+                                      "--preset", "jepa", "--output-dim", "8", "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--no-stopgrad"])
     assert result.exit_code == 0, result.output
     assert "trainable parameters" in result.output and "epoch 1/1" in result.output
     assert json.loads((out / "config.json").read_text())["use_stopgrad"] is False
+    # no preset named: `best`, at the store's width (16 here, 768 for mpnet, 384 for MiniLM)
+    default = tmp_path / "default-heads"
+    result = CliRunner().invoke(app, ["train-heads", "--store", str(tiny_store.path), "--dataset", str(tiny_beir), "--out", str(default),
+                                      "--epochs", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((default / "config.json").read_text())
+    assert (config["preset"], config["projection"], config["output_dim"]) == ("best", "adapter", tiny_store.dim)
+    assert load_heads(default).config.output_dim == tiny_store.dim
     assert load_heads(out).similarity == "cos"
 
 
-@pytest.mark.parametrize("preset", ["default", "study"])
+@pytest.mark.parametrize("preset", ["jepa", "study"])
 def test_cached_and_live_loops_give_the_same_trajectory(preset, tiny_model, tiny_beir, tmp_path):
     """Same seed, same batches, same SIGReg directions: only the source of the vectors differs."""
     from jepa_cache.build import build
@@ -380,9 +388,12 @@ def test_new_options_are_checked():
                         (dict(corpus_negatives=-1), "--corpus-negatives")):
         with pytest.raises(UserError, match=message):
             resolve_config(TrainConfig(store="", preset="best", **kw))
-    with pytest.raises(UserError, match="preset best has none"):
-        resolve_config(TrainConfig(store="", preset="best", strategy="frozen-predictor"))
-    assert resolve_config(TrainConfig(store="", preset="best", strategy="frozen-predictor", predictor="residual")).predictor == "residual"
+    with_predictor = resolve_config(TrainConfig(store="", preset="best", strategy="frozen-predictor"))  # best + the JEPA predictor
+    assert (with_predictor.predictor, with_predictor.lambda_predictive, with_predictor.query_tower) == ("residual", 0.5, "projection")
+    alone = resolve_config(TrainConfig(store="", preset="best"))
+    assert (alone.strategy, alone.predictor, alone.lambda_predictive, alone.output_dim) == ("frozen-isotropy", "none", 0.0, 0)
+    with pytest.raises(UserError, match="needs a predictor"):
+        resolve_config(TrainConfig(store="", preset="best", strategy="frozen-predictor", predictor="none"))
     # the classic presets keep their behaviour: in-batch negatives, pair epochs, cosine schedule, no dev slice
     for preset in ("study",):
         cfg = resolve_config(TrainConfig(store="", preset=preset))
