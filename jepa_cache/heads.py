@@ -90,7 +90,9 @@ class HeadsConfig:
         if self.rank < 0 or (self.rank and self.projection != "adapter"):
             raise UserError(f"--rank {self.rank}: a non-negative rank, and only with --projection adapter")
         if self.projection == "adapter" and (self.init != "identity" or self.output_dim != self.input_dim):
-            raise UserError(f"--projection adapter starts at the identity: it needs --init identity and --output-dim {self.input_dim}")
+            raise UserError(f"--projection adapter (x + Wx, the best preset's) starts at the identity: it needs --init identity and "
+                            f"--output-dim {self.input_dim} (the encoder's width, or 0), not {self.output_dim} with --init {self.init}; "
+                            "for a narrower output use --preset jepa (PCA-initialised linear projection)")
         if self.init == "identity" and self.output_dim != self.input_dim:
             raise UserError(f"--init identity needs --output-dim {self.input_dim} (the encoder's width), not {self.output_dim}")
         if self.init in ("pca", "orthogonal") and self.output_dim > self.input_dim:
@@ -291,8 +293,9 @@ class Heads(nn.Module):
 def save_heads(heads: Heads, folder: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
     """Write `heads.safetensors` then `heads.json` (each atomically) into `folder`.
 
-    `heads.json` is written last and records the weights' sha256, so a crash between the two
-    files leaves a pair that `load_heads` refuses rather than a silent mismatch.
+    Heads already there lose their `heads.json` first, and the new one is written last with the
+    weights' sha256: at every instant, a `heads.json` that exists describes complete weights that
+    match it. A crash mid-save leaves no heads (the old ones were being replaced), never a mix.
     """
     from safetensors.torch import save_file
 
@@ -300,6 +303,7 @@ def save_heads(heads: Heads, folder: str | os.PathLike, meta: dict[str, Any] | N
     folder.mkdir(parents=True, exist_ok=True)
     heads.meta = {**heads.meta, **(meta or {})}
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in heads.state_dict().items()}
+    (folder / META_FILE).unlink(missing_ok=True)
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT})
     record = {
@@ -329,13 +333,22 @@ def load_heads(path: str | os.PathLike, device: torch.device | str = "cpu") -> H
         raise UserError(f"{folder / META_FILE}: not a jepa-cache heads file (format {record.get('format')!r})")
     if record.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{folder / META_FILE}: heads format version {record.get('format_version')} is not supported (need {FORMAT_VERSION})")
-    weights = folder / record["weights"]["file"]
+    entry, config_record = record.get("weights"), record.get("config")
+    if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)
+            and isinstance(config_record, dict)):
+        raise UserError(f"{folder / META_FILE}: no weights record (file, sha256) or no config; the heads file is damaged: retrain")
+    if Path(entry["file"]).name != entry["file"] or entry["file"] in ("", ".", ".."):
+        raise UserError(f"{folder / META_FILE}: weights file {entry['file']!r} must be a bare file name inside {folder}")
+    weights = folder / entry["file"]
     if not weights.is_file():
         raise UserError(f"{weights}: missing; the heads folder is incomplete")
-    if sha256_file(weights) != record["weights"]["sha256"]:
+    if sha256_file(weights) != entry["sha256"]:
         raise UserError(f"{weights}: sha256 differs from the one in {META_FILE} (an interrupted or mixed save); retrain or restore it")
     known = {f.name for f in fields(HeadsConfig)}
-    config = HeadsConfig(**{k: v for k, v in record["config"].items() if k in known})
+    try:
+        config = HeadsConfig(**{k: v for k, v in config_record.items() if k in known})
+    except TypeError as e:
+        raise UserError(f"{folder / META_FILE}: config is incomplete ({e}); retrain") from None
     heads = Heads(config, initialise=False)
     try:
         heads.load_state_dict(load_file(str(weights), device="cpu"), strict=True)

@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -723,13 +724,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
             dev = DevSet.from_pairs(dev_pairs, store, corpus, device)
             log(f"dev: {len(dev):,} held-out queries ({dev_pairs.origin}); NDCG@10 over the whole corpus after every epoch")
 
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         partial = out / f".{STEPS_FILE}.partial"
-        t0 = time.perf_counter()
-        with open(partial, "w", encoding="utf-8") as steps_file:
-            phase = {"name": "fit"}
-            write_step = lambda r: steps_file.write(json.dumps({**r, "phase": phase["name"]} if cfg.refit else r) + "\n")  # noqa: E731
-            try:
+        try:
+            t0 = time.perf_counter()
+            with open(partial, "w", encoding="utf-8") as steps_file:
+                phase = {"name": "fit"}
+                write_step = lambda r: steps_file.write(json.dumps({**r, "phase": phase["name"]} if cfg.refit else r) + "\n")  # noqa: E731
                 heads, result, steps = _fit_once(cfg, store, fit_pairs, device, corpus, dev, log, write_step)
                 dev_record = None
                 if dev is not None:
@@ -742,21 +744,25 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
                     fit_history = result.history
                     heads, result, steps = _fit_once(cfg, store, pairs, device, corpus, None, log, write_step, stop_after=kept)
                     result.history = fit_history + result.history
-            except NonFiniteLoss as e:
-                steps_file.close()
-                failed = out / "steps.failed.jsonl"
-                partial.replace(failed)
-                raise NonFiniteLoss(f"{e} (steps so far: {failed})") from None
-        seconds = time.perf_counter() - t0
-        final = mean_parts(result.history[-steps:])
-        training = {
-            "strategy": cfg.strategy, "preset": cfg.preset, "pairs": len(pairs), "pairs_from": pairs.origin,
-            "steps": len(result.history), "seconds": round(seconds, 3), "epoch_seconds": [round(t, 3) for t in result.epoch_seconds],
-            "live": cfg.live, "device": str(device), "final_epoch_mean": final, "finished": now_iso(), "dev": dev_record,
-        }
-        save_heads(heads, out, {"store": store_record(store), "training": training})
-        atomic_write_json(out / CONFIG_FILE, cfg)
-        partial.replace(out / STEPS_FILE)
+            seconds = time.perf_counter() - t0
+            final = mean_parts(result.history[-steps:])
+            training = {
+                "strategy": cfg.strategy, "preset": cfg.preset, "pairs": len(pairs), "pairs_from": pairs.origin,
+                "steps": len(result.history), "seconds": round(seconds, 3), "epoch_seconds": [round(t, 3) for t in result.epoch_seconds],
+                "live": cfg.live, "device": str(device), "final_epoch_mean": final, "finished": now_iso(), "dev": dev_record,
+            }
+            save_heads(heads, out, {"store": store_record(store), "training": training})
+            atomic_write_json(out / CONFIG_FILE, cfg)
+            partial.replace(out / STEPS_FILE)
+        except NonFiniteLoss as e:  # its steps stay, for the post-mortem; no heads are written
+            failed = out / "steps.failed.jsonl"
+            partial.replace(failed)
+            raise NonFiniteLoss(f"{e} (steps so far: {failed})") from None
+        except BaseException:  # Ctrl-C, disk full, ...: no half-written heads, no stray partial file
+            partial.unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
         log(f"trained in {seconds:.1f} s; last epoch mean: {format_parts(final)}\nheads: {out}")
         return TrainResult(out, heads.eval(), cfg, result.history, result.epoch_seconds, seconds, dev_record)
 

@@ -147,7 +147,7 @@ def _eval(w: World, *extra: str, store: Path | None = None) -> list[str]:
 
 
 def _train(w: World, *extra: str, store: Path | None = None) -> list[str]:
-    return ["train-heads", "--store", str(store or w.store), "--dataset", str(w.data), "--out", w.out(), "--output-dim", "8",
+    return ["train-heads", "--store", str(store or w.store), "--dataset", str(w.data), "--out", w.out(),
             "--batch-size", "4", "--epochs", "1", "--device", "cpu", *extra]
 
 
@@ -304,13 +304,17 @@ CASES = [
          r"--heads .*narrow-heads: take 8-d vectors, but .*store holds 16-d ones; use heads trained on a store of this encoder"),
     Case("heads folder without heads", lambda w: _eval(w, "--heads", str(_not_a_store(w))), r"mine/heads\.json: file not found"),
     Case("heads.json without its weights record", lambda w: _eval(w, "--heads", str(_heads_json(w, lambda r: r.pop("weights")))),
-         r"odd-heads/heads\.json: .*weights",
-         xfail="heads.load_heads indexes record['weights']['file'] and record['config'] unchecked: a KeyError traceback"),
+         r"odd-heads/heads\.json: .*weights"),
+    Case("heads.json whose weights file escapes its folder",
+         lambda w: _eval(w, "--heads", str(_heads_json(w, lambda r: r["weights"].update(file="../heads.safetensors")))),
+         r"odd-heads/heads\.json: weights file '\.\./heads\.safetensors' must be a bare file name"),
     # --- options ---
     Case("unknown strategy in train-heads", lambda w: _train(w, "--strategy", "full"),
          r"--strategy 'full': choose one of frozen-predictor, frozen-isotropy .*train-live"),
     Case("unknown strategy in train-live", lambda w: ["train-live", "--strategy", "magic", "--store", str(w.store), "--out", w.out()],
          r"--strategy 'magic': choose one of"),
+    Case("output width the best preset cannot take", lambda w: _train(w, "--output-dim", "8"),
+         r"--projection adapter .* needs --init identity and --output-dim 16 .*not 8 .*--preset jepa"),
     Case("negative batch size", lambda w: _train(w, "--batch-size", "-4"), r"--batch-size -4: must be positive"),
     Case("k below 10", lambda w: _eval(w, "--k", "5"), r"--k 5: must be at least 10"),
     Case("unknown faiss index string", lambda w: _eval(w, "--faiss-index", "Bogus42"), r"--faiss-index 'Bogus42': not a FAISS index factory string \(could not parse index string Bogus42\); e\.g\. Flat"),
@@ -460,7 +464,6 @@ def test_disk_full_during_import_leaves_a_store_readers_refuse(world, cli, monke
     assert open_store(world.root / "imported").complete
 
 
-@pytest.mark.xfail(strict=True, reason="train.train leaves --out/.steps.jsonl.partial (and --out itself) when saving fails")
 def test_disk_full_while_saving_heads_leaves_nothing_half_written(world, cli, monkeypatch):
     import jepa_cache.train as tr
 

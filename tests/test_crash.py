@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import write_beir
@@ -188,3 +189,80 @@ def test_verify_cli_reports_damage_and_reads_refuse_it(tiny_model, tiny_beir, tm
         open_store(out).corpus.vectors()
     with pytest.raises(UserError, match=r"NaN/inf \(first: row 32"):
         open_store(out).corpus.vectors(rows=slice(32, 40))
+
+
+def kill_at_random_moments(start, check, full: float, rng: random.Random, kills: int) -> None:
+    """Start, SIGKILL after uniform(0, full) seconds, `check()` what the kill left; `kills` times."""
+    done = 0
+    while done < kills:
+        proc = start()
+        deadline = time.monotonic() + rng.uniform(0.0, full)
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            done += 1
+        proc.wait()
+        check()
+
+
+@pytest.fixture(scope="module")
+def crash_store(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash-store")
+    data = write_beir(root / "data" / "crash", n_docs=300, n_queries=400, seed=5)
+    store = root / "store"
+    build(BuildConfig(dataset=str(data), model=str(tiny_model), out=str(store), dtype="float32"), log=lambda s: None)
+    return data, store
+
+
+def test_sigkill_during_train_heads_never_leaves_a_heads_file_that_lies(forkserver, crash_store, tmp_path):
+    """Killed at random moments (mid-training, mid-save over older heads): a heads.json, when there is one, always loads
+    and matches its weights; a run after the kills gives exactly the uninterrupted heads."""
+    from jepa_cache.heads import load_heads
+
+    data, store = crash_store
+
+    def args(out: Path) -> list[str]:
+        return ["train-heads", "--store", str(store), "--dataset", str(data), "--out", str(out), "--preset", "jepa",
+                "--output-dim", "16", "--batch-size", "8", "--epochs", "12", "--device", "cpu", "--overwrite"]
+
+    ref = tmp_path / "ref"
+    t0 = time.monotonic()
+    assert Forked(forkserver, args(ref)).wait() == 0
+    full = time.monotonic() - t0
+    out = tmp_path / "killed"
+    assert Forked(forkserver, args(out)).wait() == 0  # older heads in place: later kills also land mid-replacement
+    seen = {"heads": 0}
+
+    def check() -> None:
+        if (out / "heads.json").exists():
+            load_heads(out)  # raises on a weights/record mismatch or a damaged file
+            seen["heads"] += 1
+
+    kill_at_random_moments(lambda: Forked(forkserver, args(out)), check, full, random.Random(11), kills=8)
+    assert Forked(forkserver, args(out)).wait() == 0
+    got, want = load_heads(out).state_dict(), load_heads(ref).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not list(out.glob(".*partial")) and not list(tmp_path.glob(".*.lock"))
+
+
+def test_sigkill_during_eval_never_leaves_a_partial_results_json(forkserver, crash_store, tmp_path):
+    import json
+
+    data, store = crash_store
+    args = lambda out: ["eval", "--dataset", str(data), "--store", str(store), "--split", "train", "--out", str(out)]  # noqa: E731
+    ref = tmp_path / "ref"
+    t0 = time.monotonic()
+    assert Forked(forkserver, args(ref)).wait() == 0
+    full = time.monotonic() - t0
+    out = tmp_path / "killed"
+
+    def check() -> None:
+        if (out / "results.json").exists():
+            results = json.loads((out / "results.json").read_text())  # whole JSON, never a prefix
+            assert "crash" in results["datasets"]
+
+    kill_at_random_moments(lambda: Forked(forkserver, args(out)), check, full, random.Random(12), kills=8)
+    assert Forked(forkserver, args(out)).wait() == 0
+    got, want = (json.loads((p / "results.json").read_text())["datasets"]["crash"]["metrics"] for p in (out, ref))
+    assert got == want
