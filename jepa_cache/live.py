@@ -47,7 +47,7 @@ from .files import atomic_write_bytes, atomic_write_json, exclusive_lock
 from .heads import Heads, HeadsConfig, describe, save_heads
 from .models import DEFAULT_MODEL, resolve_model, weights_sha256
 from .store import Store, now_iso, open_store
-from .train import (DevSet, PairIndex, _same_id, build_criterion, build_heads, fit, load_pairs, mean_parts, resolve_config,
+from .train import (DevSet, PairIndex, same_id_rows, build_criterion, build_heads, fit, load_pairs, mean_parts, resolve_config,
                     store_record, train)
 
 STRATEGIES = ("full", "hybrid", "frozen-live")
@@ -412,7 +412,7 @@ def _train_through_encoder(cfg: LiveConfig, store: Store, pairs, folder: Path, d
     from tqdm.auto import tqdm
 
     tcfg = cfg.train
-    index = PairIndex.build(pairs, device, same_id=_same_id(store))
+    index = PairIndex.build(pairs, device, same_id=same_id_rows(store))
     query_texts, doc_texts = store_texts(store, tcfg.dataset, tcfg.data_dir, index.query_rows, index.doc_rows)
     base = load_encoder(folder, device)  # loaded before seeding, as train.train loads its live encoder
     torch.manual_seed(tcfg.seed)  # heads init, dropout masks

@@ -149,18 +149,23 @@ def _per_query(paths: Sequence[str]) -> dict[str, float]:
     return total
 
 
-def _spectra(train_store, heads_by_strategy: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Eigen-spectra of the training corpus before and after each strategy's projection."""
+def _spectra(train_store, heads: dict[str, tuple[str, str]]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Eigen-spectra of the training corpus before and after each strategy's heads.
+
+    `heads`: strategy -> (heads path, path of the store its documents come from: the base store for the
+    cached strategies, the fine-tuned encoder's own store for full and hybrid).
+    """
     import torch
 
     from .heads import load_heads
+    from .store import open_store
 
     rows = np.arange(min(train_store.corpus.rows, 4000))
-    base = train_store.corpus.vectors(np.float32, rows)
-    spectra = {"vanilla": eigen_spectrum(base)}
-    for name, path in heads_by_strategy.items():
+    spectra = {"vanilla": eigen_spectrum(train_store.corpus.vectors(np.float32, rows))}
+    for name, (path, store) in heads.items():
+        docs = open_store(store).corpus.vectors(np.float32, rows)
         with torch.no_grad():
-            projected = load_heads(path).encode_documents(torch.from_numpy(base)).numpy()
+            projected = load_heads(path).encode_documents(torch.from_numpy(docs)).numpy()
         spectra[name] = eigen_spectrum(projected)
     return spectra, {n: effective_rank(e) for n, e in spectra.items()}
 
@@ -211,7 +216,11 @@ def write_report(root: Path, recipe, rows: list[dict], stores: dict) -> dict:
         screen_rows.append([x.replace("<br>", "\n") for x in row])
 
     heads_first = {s: by[(s, datasets[0])][0]["heads"] for s in strategies if by[(s, datasets[0])][0]["heads"]}
-    spectra, ranks = _spectra(stores[recipe.train_dataset], heads_first)
+    train_store = stores[recipe.train_dataset]
+    # each strategy's documents as its encoder made them; a changed encoder not scored on the training set has no spectrum here
+    own_store = {s: (by[(s, recipe.train_dataset)][0]["store"] if (s, recipe.train_dataset) in by
+                     else str(train_store.path) if info[s]["kind"] not in ("full", "hybrid") else None) for s in heads_first}
+    spectra, ranks = _spectra(train_store, {s: (path, own_store[s]) for s, path in heads_first.items() if own_store[s] is not None})
     plot_bars(root / "ndcg.png", strategies, datasets, {k: v["ndcg@10"] for k, v in cells.items()})
     curves = {}
     for s, path in heads_first.items():

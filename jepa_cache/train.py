@@ -639,7 +639,7 @@ def build_criterion(cfg: TrainConfig) -> JEPASIGRegLoss:
     )
 
 
-def _same_id(store: Store) -> dict[int, int]:
+def same_id_rows(store: Store) -> dict[int, int]:
     """Query row -> row of the corpus document with the same id (ArguAna-style collections)."""
     doc_row = store.corpus.row_of
     return {i: doc_row[q] for i, q in enumerate(store.queries.ids) if q in doc_row}
@@ -652,7 +652,7 @@ def _fit_once(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device
     whole = cfg.negatives != "batch"
     if cfg.negatives == "mined" and pairs.neg_rows is not None:
         raise UserError(f"{pairs.origin}: triples bring their own hard negatives; use --negatives batch or corpus with them")
-    index = PairIndex.build(pairs, device, corpus_rows=store.corpus.rows if whole else None, same_id=_same_id(store))
+    index = PairIndex.build(pairs, device, corpus_rows=store.corpus.rows if whole else None, same_id=same_id_rows(store))
     log(f"training pairs: {len(pairs):,} from {pairs.origin} ({index.num_queries:,} queries, "
         f"{len(index.doc_rows):,} {'corpus ' if whole else ''}documents{', with hard negatives' if pairs.neg_rows is not None else ''})")
     if whole and corpus is not None:

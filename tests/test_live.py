@@ -14,6 +14,7 @@ from jepa_cache.errors import UserError
 from jepa_cache.heads import load_heads
 from jepa_cache.live import JEPAEncoder, _save_encoder, train_live
 from jepa_cache.models import weights_sha256
+from jepa_cache.store import open_store
 from jepa_cache.train import train
 
 QUIET = dict(log=lambda s: None)
@@ -285,6 +286,14 @@ options = {{ {heads}, threshold = 1.01 }}
     assert sorted(p.name for p in stores.iterdir()) == ["other", "tiny"]
     assert len(list((stores / "tiny").glob("[!.]*"))) == 2  # one per changed encoder: full and hybrid
     assert runs[("full", "tiny")]["trainable_params"] > runs[("hybrid-stopped", "tiny")]["trainable_params"] > 0
+    # the spectrum of `full` is of its own encoder's documents through its heads, not of the base store's
+    own = open_store(runs[("full", "tiny")]["store"]).corpus.vectors(np.float32)
+    with torch.no_grad():
+        projected = load_heads(runs[("full", "tiny")]["heads"]).encode_documents(torch.from_numpy(own)).numpy()
+    centred = projected - projected.mean(0)
+    eig = np.linalg.svd(centred.astype(np.float64), compute_uv=False) ** 2
+    p = eig / eig.sum()
+    assert summary["effective_rank"]["full"] == pytest.approx(float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())), rel=1e-6)
     again = Runner(load_recipe(recipe), runs_dir=tmp_path / "runs", **QUIET)
     again.run()
     assert again.computed == 0
