@@ -16,7 +16,8 @@ from typing import Callable
 from .config import BuildConfig
 from .datasets import CORPUS_TEMPLATE, QUERY_TEMPLATE, BeirDataset, corpus_text, find_dataset, iter_records, query_text, read_ids
 from .errors import UserError
-from .files import atomic_write_json, check_writable, exclusive_lock
+from .distributed import barrier, broadcast, main_lock, rank_device, world
+from .files import atomic_write_json, check_writable
 from .models import canonical_name, resolve_model, weights_sha256
 from .store import DTYPES, SECTIONS, Store, StoreWriter, default_store_path, open_store
 
@@ -58,8 +59,16 @@ def _existing(out: Path, wanted: dict) -> Store | None:
 
 
 def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
-    """Encode every document and query of `cfg.dataset` into a store; only missing shards are encoded."""
+    """Encode every document and query of `cfg.dataset` into a store; only missing shards are encoded.
+
+    Under torchrun every rank runs this: rank 0 locks and creates (or reopens) the store, the
+    missing shards are dealt round-robin to the ranks, each rank streams the texts and writes its
+    own shards (separate files in the Zarr store, each with its marker), and rank 0 finalises once
+    all are done. Resume is per shard as in one process, with any number of ranks.
+    """
     check_options(cfg)
+    w = world(cfg.device)
+    log = log if w.main else (lambda s: None)
     dataset = find_dataset(cfg.dataset, cfg.data_dir)
     paths = _paths(dataset)
     ids = {section: read_ids(path) for section, path in paths.items()}
@@ -79,7 +88,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
 
     from .encoder import embedding_dim, encoder_info, load_encoder, pick_device
 
-    device = pick_device(cfg.device)
+    device = pick_device(rank_device(cfg.device, w))
     model = load_encoder(folder, device)
     name = str(cfg.model) if Path(cfg.model).exists() else canonical_name(cfg.model)
     provenance = {
@@ -91,42 +100,61 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
         "dtype": cfg.dtype,
         "layout": layout,
     }
-    with exclusive_lock(out, "build"):
-        writer = StoreWriter.open_or_create(out, provenance, ids, overwrite=cfg.overwrite)
+    with main_lock(out, "build", w):
+        refused = None
+        if w.main:  # the one writer of the store's metadata
+            try:
+                writer = StoreWriter.open_or_create(out, provenance, ids, overwrite=cfg.overwrite)
+                if not writer.provenance.get("complete"):
+                    writer.remove_partial_files()
+                    atomic_write_json(out / "build_config.json", cfg)
+            except UserError as e:
+                refused = str(e)
+        if refused := broadcast(w, refused):
+            raise UserError(refused)
+        if not w.main:
+            writer = StoreWriter(out)
         if writer.provenance.get("complete"):  # another build finished it while we loaded the model
             log(f"{out}: already complete; nothing to do")
             return open_store(out)
-        writer.remove_partial_files()
-        atomic_write_json(out / "build_config.json", cfg)
-        todo = {s: writer.missing_shards(s) for s in SECTIONS}
+        # rank 0's view of what is missing, so that no rank sees another's fresh markers
+        todo = broadcast(w, {s: writer.missing_shards(s) for s in SECTIONS})
+        dealt = [(s, index) for s in SECTIONS for index, _, _ in todo[s]]
+        mine = set(dealt[w.rank :: w.size])
         rows_todo = sum(stop - start for s in SECTIONS for _, start, stop in todo[s])
+        rows_mine = sum(stop - start for s in SECTIONS for index, start, stop in todo[s] if (s, index) in mine)
         resumed = sum(len(writer.shard_ranges(s)) - len(todo[s]) for s in SECTIONS)
         if resumed:
             log(f"{out}: resuming; {resumed} shard(s) already done, {rows_todo} rows to encode")
+        if w.distributed:
+            log(f"{w.size} ranks: {len(dealt)} shards dealt round-robin; rank 0 encodes {rows_mine} rows on {device}")
 
         from tqdm.auto import tqdm
 
         from .encoder import encode
 
         t0 = time.perf_counter()
-        with tqdm(total=rows_todo, unit="rows", desc=f"build {dataset.name}", dynamic_ncols=True) as bar:
+        with tqdm(total=rows_mine, unit="rows", desc=f"build {dataset.name}", dynamic_ncols=True, disable=not w.main) as bar:
             for section in SECTIONS:
-                missing = {index for index, _, _ in todo[section]}
-                if not missing:
+                if not any(s == section for s, _ in mine):
                     continue
                 texts = (text for _, _, text in iter_records(paths[section], TEXT_OF[section]))
                 for index, start, stop in writer.shard_ranges(section):
                     window = list(islice(texts, stop - start))
                     if len(window) != stop - start:
                         raise UserError(f"{paths[section]}: changed while the build was reading it; run the build again")
-                    if index in missing:
+                    if (section, index) in mine:
                         bar.set_postfix_str(f"{section} shard {index}", refresh=False)
                         writer.write_shard(section, index, encode(model, window, cfg.batch_size, on_batch=bar.update))
-        store = writer.finalize()
+        barrier(w)  # every rank's shards are written
+        if w.main:
+            writer.finalize()
+        barrier(w)
+        store = open_store(out)
         seconds = time.perf_counter() - t0
         rate = rows_todo / seconds if seconds > 0 else float("nan")
         log(
             f"{out}: {store.corpus.rows} docs + {store.queries.rows} queries; encoded {rows_todo} rows "
-            f"in {seconds:.1f} s ({rate:.1f} rows/s) on {device}"
+            f"in {seconds:.1f} s ({rate:.1f} rows/s) on {device}{f' x {w.size} ranks' if w.distributed else ''}"
         )
         return store

@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -48,7 +49,8 @@ from .config import TrainConfig
 from .datasets import find_dataset, iter_jsonl, read_qrels
 from .encoder import pick_device
 from .errors import UserError
-from .files import atomic_write_json, exclusive_lock
+from .files import atomic_write_json
+from .distributed import World, average_gradients, barrier, main_lock, rank_device, sharded_forward, world
 from .heads import META_FILE, Heads, HeadsConfig, describe, save_heads
 from .presets import PRESETS
 from .losses import PART_NAMES, JEPASIGRegLoss, first_nonfinite
@@ -491,6 +493,7 @@ def fit(
     dev: Callable[[Heads], float] | None = None,
     select: str = "last",
     stop_after: int | None = None,
+    world: World = World(),
 ) -> "FitResult":
     """Train `heads` (and whatever else `optimizer` holds) on `index`'s pairs.
 
@@ -506,6 +509,11 @@ def fit(
         dev: scores the heads (e.g. `DevSet.score`) before training and after every epoch.
         select: `dev` restores the heads of the epoch with the best dev score (ties: the earlier).
         stop_after: run only this many epochs of an `epochs`-long schedule (a refit).
+        world: under torchrun, the ranks share each global batch: every rank draws the same batch
+            (same seed), runs the heads on its share of the rows, and all-gathers the outputs with
+            their gradients, so the loss (InfoNCE over every rank's documents, SIGReg over the
+            global batch with the same directions) is the single-process loss; gradients are then
+            averaged, as DDP does. Dropout masks differ from a single process' (other RNG draws).
     """
     device = index.q.device
     _choice("sampling", sampling, SAMPLINGS)
@@ -556,7 +564,7 @@ def fit(
                     extra = torch.arange(n_docs, device=device)
             e_q, e_c = source.queries(bq), source.documents(cand)
             parts_in = [e_q, e_c] if extra is None else [e_q, e_c, source.documents(extra)]
-            z = heads(torch.cat(parts_in))
+            z = sharded_forward(heads, torch.cat(parts_in), world)
             b = len(bq)
             z_q, z_d = z[:b], z[b : 2 * b]
             z_n = z[2 * b : b + len(cand)] if len(cand) > b else None
@@ -567,6 +575,7 @@ def fit(
                                     contrast_query=predicted if contrast_with_predictor else None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(params, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
             values = torch.stack([loss.detach(), grad_norm.to(loss.device), *parts.values()]).tolist()
             record = {"step": step, "epoch": epoch, "loss": values[0], **dict(zip(parts, values[2:])),
@@ -647,7 +656,7 @@ def same_id_rows(store: Store) -> dict[int, int]:
 
 def _fit_once(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device, corpus: Tensor | None,
               dev: DevSet | None, log: Callable[[str], None], on_step: Callable[[dict], None],
-              stop_after: int | None = None) -> tuple[Heads, FitResult, int]:
+              stop_after: int | None = None, w: World = World()) -> tuple[Heads, FitResult, int]:
     """Build the index, the source, fresh heads and the optimiser for `pairs`, and fit them."""
     whole = cfg.negatives != "batch"
     if cfg.negatives == "mined" and pairs.neg_rows is not None:
@@ -691,7 +700,7 @@ def _fit_once(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device
                  warmup=cfg.warmup, grad_clip=cfg.grad_clip, on_step=on_step, log=log, sampling=cfg.sampling,
                  negatives=cfg.negatives, corpus_negatives=cfg.corpus_negatives, mined=mined, schedule=cfg.schedule,
                  dev=dev_score if dev is not None else None, select=cfg.select if dev is not None else "last",
-                 stop_after=stop_after)
+                 stop_after=stop_after, world=w)
     if cfg.interpolate != 1.0:
         interpolate_heads(heads, initial, cfg.interpolate)
         log(f"heads interpolated with their initial weights: initial + {cfg.interpolate:g} × (trained − initial)")
@@ -706,14 +715,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     on every training query for that many epochs of the same schedule.
     """
     cfg = resolve_config(cfg)
+    w = world(cfg.device)
+    log = log if w.main else (lambda s: None)
+    if w.distributed and cfg.live:
+        raise UserError("--live encodes every batch through the encoder: one process only (drop torchrun)")
     store = open_store(cfg.store)
     cfg = dataclasses.replace(cfg, output_dim=cfg.output_dim or store.dim)  # recorded as the width it is
     pairs = load_pairs(cfg, store)
     out = Path(cfg.out) if cfg.out else default_out(cfg, store.dataset_name)
     if (out / META_FILE).exists() and not cfg.overwrite:
         raise UserError(f"{out}: already holds heads; choose another --out or pass --overwrite")
-    device = pick_device(cfg.device)
-    with exclusive_lock(out, "train-heads"):
+    device = pick_device(rank_device(cfg.device, w))
+    with main_lock(out, "train-heads", w):
         log(f"{store.describe()}\ndevice {device}")
         corpus = None
         if cfg.dev_fraction > 0 or cfg.negatives != "batch":
@@ -724,15 +737,16 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
             dev = DevSet.from_pairs(dev_pairs, store, corpus, device)
             log(f"dev: {len(dev):,} held-out queries ({dev_pairs.origin}); NDCG@10 over the whole corpus after every epoch")
 
-        created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
+        created = w.main and not out.exists()
+        if w.main:  # rank 0 writes; the other ranks only compute
+            out.mkdir(parents=True, exist_ok=True)
         partial = out / f".{STEPS_FILE}.partial"
         try:
             t0 = time.perf_counter()
-            with open(partial, "w", encoding="utf-8") as steps_file:
+            with open(partial if w.main else os.devnull, "w", encoding="utf-8") as steps_file:
                 phase = {"name": "fit"}
                 write_step = lambda r: steps_file.write(json.dumps({**r, "phase": phase["name"]} if cfg.refit else r) + "\n")  # noqa: E731
-                heads, result, steps = _fit_once(cfg, store, fit_pairs, device, corpus, dev, log, write_step)
+                heads, result, steps = _fit_once(cfg, store, fit_pairs, device, corpus, dev, log, write_step, w=w)
                 dev_record = None
                 if dev is not None:
                     dev_record = {"queries": len(dev), "fraction": cfg.dev_fraction, "seed": DEV_SEED, "ndcg@10": result.dev,
@@ -742,27 +756,32 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
                     phase["name"] = "refit"
                     log(f"refit: all {len(pairs):,} pairs, {kept} of {cfg.epochs} epoch(s)")
                     fit_history = result.history
-                    heads, result, steps = _fit_once(cfg, store, pairs, device, corpus, None, log, write_step, stop_after=kept)
+                    heads, result, steps = _fit_once(cfg, store, pairs, device, corpus, None, log, write_step, stop_after=kept, w=w)
                     result.history = fit_history + result.history
             seconds = time.perf_counter() - t0
             final = mean_parts(result.history[-steps:])
             training = {
                 "strategy": cfg.strategy, "preset": cfg.preset, "pairs": len(pairs), "pairs_from": pairs.origin,
                 "steps": len(result.history), "seconds": round(seconds, 3), "epoch_seconds": [round(t, 3) for t in result.epoch_seconds],
-                "live": cfg.live, "device": str(device), "final_epoch_mean": final, "finished": now_iso(), "dev": dev_record,
+                "live": cfg.live, "device": str(device), "ranks": w.size, "final_epoch_mean": final, "finished": now_iso(),
+                "dev": dev_record,
             }
-            save_heads(heads, out, {"store": store_record(store), "training": training})
-            atomic_write_json(out / CONFIG_FILE, cfg)
-            partial.replace(out / STEPS_FILE)
+            if w.main:
+                save_heads(heads, out, {"store": store_record(store), "training": training})
+                atomic_write_json(out / CONFIG_FILE, cfg)
+                partial.replace(out / STEPS_FILE)
         except NonFiniteLoss as e:  # its steps stay, for the post-mortem; no heads are written
             failed = out / "steps.failed.jsonl"
-            partial.replace(failed)
+            if w.main:
+                partial.replace(failed)
             raise NonFiniteLoss(f"{e} (steps so far: {failed})") from None
         except BaseException:  # Ctrl-C, disk full, ...: no half-written heads, no stray partial file
-            partial.unlink(missing_ok=True)
+            if w.main:
+                partial.unlink(missing_ok=True)
             if created:
                 shutil.rmtree(out, ignore_errors=True)
             raise
+        barrier(w)  # the heads are saved before any rank returns
         log(f"trained in {seconds:.1f} s; last epoch mean: {format_parts(final)}\nheads: {out}")
         return TrainResult(out, heads.eval(), cfg, result.history, result.epoch_seconds, seconds, dev_record)
 

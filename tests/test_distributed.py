@@ -1,0 +1,104 @@
+"""torchrun: 2 CPU processes over gloo give what one process gives (build: the same store; train-heads: the same heads).
+
+Each test starts a real `torchrun --standalone --nproc_per_node 2 -m jepa_cache ...` job, so it
+exercises the environment handshake, the process group, the shard dealing and rank 0's writes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_beir
+from jepa_cache.build import build
+from jepa_cache.config import BuildConfig, TrainConfig
+from jepa_cache.distributed import World, split_rows
+from jepa_cache.heads import load_heads
+from jepa_cache.store import StoreWriter, open_store, verify_store
+from jepa_cache.train import train
+
+QUIET = dict(log=lambda s: None)
+
+
+def torchrun(*argv: str, ranks: int = 2) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "jepa_cache", *argv]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_split_rows_covers_every_row_once():
+    for n in (0, 1, 5, 16, 17):
+        for size in (1, 2, 3):
+            shares = [split_rows(n, World(r, size)) for r in range(size)]
+            assert shares[0][0] == 0 and shares[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+            assert max(b - a for a, b in shares) - min(b - a for a, b in shares) <= 1
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_beir(tmp_path_factory.mktemp("dist") / "data" / "dist", n_docs=150, n_queries=60, seed=9)
+
+
+def _build_args(data: Path, model: Path, out: Path) -> list[str]:
+    return ["build", "--dataset", str(data), "--model", str(model), "--out", str(out), "--dtype", "float32", "--shard-rows", "16",
+            "--chunk-rows", "8", "--batch-size", "8", "--device", "cpu"]
+
+
+def _same_store(a: Path, b: Path) -> None:
+    x, y = open_store(a), open_store(b)
+    for section in ("corpus", "queries"):
+        assert x.section(section).ids == y.section(section).ids
+        assert np.array_equal(x.section(section).vectors(), y.section(section).vectors())
+    assert x.provenance["shards"] == y.provenance["shards"]
+    assert verify_store(a) == []
+
+
+def test_two_rank_build_equals_one_process_build_and_resumes_per_shard(data, tiny_model, tmp_path):
+    ref = tmp_path / "one"
+    build(BuildConfig(dataset=str(data), model=str(tiny_model), out=str(ref), dtype="float32", shard_rows=16, chunk_rows=8,
+                      batch_size=8, device="cpu"), **QUIET)
+    log = torchrun(*_build_args(data, tiny_model, tmp_path / "two"))
+    assert "2 ranks: 14 shards dealt round-robin" in log  # 150 docs -> 10 shards, 60 queries -> 4
+    _same_store(tmp_path / "two", ref)
+
+    # a store whose single-process writer died after 3 shards: the 2-rank job encodes only the other 11
+    done = open_store(ref)
+    provenance = {k: done.provenance[k] for k in ("source", "encoder", "dataset", "template", "dim", "dtype", "layout")}
+    partial = tmp_path / "resumed"
+    writer = StoreWriter.open_or_create(partial, provenance, {"corpus": done.corpus.ids, "queries": done.queries.ids})
+    for index in (0, 4):
+        writer.write_shard("corpus", index, done.corpus.vectors(rows=slice(16 * index, 16 * index + 16)))
+    writer.write_shard("queries", 3, done.queries.vectors(rows=slice(48, 60)))
+    log = torchrun(*_build_args(data, tiny_model, partial))
+    assert "resuming; 3 shard(s) already done" in log and "11 shards dealt" in log
+    _same_store(partial, ref)
+
+
+@pytest.mark.parametrize("preset,extra", [
+    ("best", ["--epochs", "2"]),  # corpus negatives, dev slice and refit
+    ("jepa", ["--dropout", "0", "--output-dim", "16", "--batch-size", "7"]),  # predictor, in-batch negatives, uneven shares
+])
+def test_two_rank_train_heads_equals_one_process_on_the_same_global_batch(data, tiny_model, tmp_path, preset, extra):
+    store = tmp_path / "store"
+    build(BuildConfig(dataset=str(data), model=str(tiny_model), out=str(store), dtype="float32", device="cpu"), **QUIET)
+    args = ["--store", str(store), "--dataset", str(data), "--preset", preset, "--device", "cpu", "--seed", "3", *extra]
+    torchrun("train-heads", *args, "--out", str(tmp_path / "two"))
+    opts = {a.lstrip("-").replace("-", "_"): b for a, b in zip(args[::2], args[1::2])}
+    typed = {k: (float(v) if k == "dropout" else int(v) if v.isdigit() else v) for k, v in opts.items()}
+    train(TrainConfig(**typed, out=str(tmp_path / "one")), **QUIET)
+    one, two = load_heads(tmp_path / "one").state_dict(), load_heads(tmp_path / "two").state_dict()
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
+    assert load_heads(tmp_path / "two").meta["training"]["ranks"] == 2
+    steps = [(tmp_path / d / "steps.jsonl").read_text().splitlines() for d in ("one", "two")]
+    assert len(steps[0]) == len(steps[1]) > 0
