@@ -56,7 +56,10 @@ def build(
     chunk_rows: int = typer.Option(128, "--chunk-rows", help="Rows per chunk: the unit of reading."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store at --out that was made differently."),
 ) -> None:
-    """Encode a dataset's corpus and queries once with a frozen encoder into a Zarr v3 store (resumable)."""
+    """Encode a dataset's corpus and queries once with a frozen encoder into a Zarr v3 store (resumable).
+
+    Under `torchrun --nproc_per_node=N -m jepa_cache build ...` the ranks share the shards (README: Scaling out).
+    """
     from .build import build as run_build
     from .config import BuildConfig
 
@@ -191,7 +194,10 @@ def train_heads_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="Encoder for --live (default: the one recorded in the store; must match it)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace heads already in --out."),
 ) -> None:
-    """Train the projection and JEPA predictor on the store's cached vectors (seconds, not an encoder per step)."""
+    """Train the projection and JEPA predictor on the store's cached vectors (seconds, not an encoder per step).
+
+    Under `torchrun --nproc_per_node=N -m jepa_cache train-heads ...` the ranks split each global batch (README: Scaling out).
+    """
     from .config import TrainConfig
     from .train import train
 

@@ -145,6 +145,11 @@ def safe_extract(archive: zipfile.ZipFile, dest: str | os.PathLike) -> None:
 
 def check_writable(out: Path) -> None:
     """Refuse an --out that cannot be written before any work is done (its nearest existing folder decides)."""
+    if "://" in str(out) or str(out).startswith(("s3:", "gs:", "gcs:", "az:", "abfs:", "hf:")):
+        # Shard markers, locks and atomic renames need a POSIX filesystem; an fsspec URL would
+        # silently become a local folder named "s3:".
+        raise UserError(f"--out {out}: object-store URLs are not supported; use a local or shared (NFS, Lustre) folder, "
+                        "then copy the finished store")
     ancestor = out.absolute()
     while not ancestor.exists():
         ancestor = ancestor.parent

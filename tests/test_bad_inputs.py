@@ -315,6 +315,8 @@ CASES = [
          r"--strategy 'magic': choose one of"),
     Case("output width the best preset cannot take", lambda w: _train(w, "--output-dim", "8"),
          r"--projection adapter .* needs --init identity and --output-dim 16 .*not 8 .*--preset jepa"),
+    Case("object-store URL as --out", lambda w: [*_import(w)[:-2], "--out", "s3://bucket/store"],
+         r"--out s3:/bucket/store: object-store URLs are not supported; use a local or shared \(NFS, Lustre\) folder"),
     Case("negative batch size", lambda w: _train(w, "--batch-size", "-4"), r"--batch-size -4: must be positive"),
     Case("k below 10", lambda w: _eval(w, "--k", "5"), r"--k 5: must be at least 10"),
     Case("unknown faiss index string", lambda w: _eval(w, "--faiss-index", "Bogus42"), r"--faiss-index 'Bogus42': not a FAISS index factory string \(could not parse index string Bogus42\); e\.g\. Flat"),
