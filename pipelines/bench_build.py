@@ -7,6 +7,13 @@ drift in what else the machine is doing hits both sides alike. Outputs are check
     python pipelines/bench_build.py                          # real all-mpnet-base-v2, 200 SciFact docs, CPU
     python pipelines/bench_build.py --model minilm --docs 500
     python pipelines/bench_build.py --model random-mpnet --device cuda --docs 4000   # mpnet's config, random weights
+    python pipelines/bench_build.py --model random-mpnet --device cuda --fiqa-sized --batch-size 256 --runs 1
+
+`--fiqa-sized`: 57,638 documents (FiQA's corpus size) drawn in turn from SciFact's and NFCorpus's
+corpora, their lengths. On CUDA the fp16 peer (`SentenceTransformer.encode` on a half-precision copy
+of the model) runs too, and each side's model FLOP utilisation is reported as
+2 x parameters x real (unpadded) tokens / second / the GPU's dense bf16 peak (`--peak-tflops`; known
+for H100/H200/A100).
 """
 
 from __future__ import annotations
@@ -65,6 +72,26 @@ def subset(dataset: str, data_dir: str | None, n: int) -> list[str]:
     return [texts[i] for i in picks]
 
 
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}  # dense, SXM where it varies
+
+
+def peak_tflops(device, given: float | None) -> float | None:
+    import torch
+
+    if given is not None or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def fiqa_sized(data_dir: str | None, n: int = 57_638) -> list[str]:
+    """n documents taken in turn from SciFact and NFCorpus (cycled): FiQA's size, their length mix."""
+    from jepa_cache.datasets import find_dataset, read_corpus
+
+    pools = [read_corpus(find_dataset(name, data_dir).corpus_path)[1] for name in ("scifact", "nfcorpus")]
+    return [pools[i % 2][(i // 2) % len(pools[i % 2])] for i in range(n)]
+
+
 def machine(device) -> str:
     import torch
 
@@ -82,15 +109,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--fiqa-sized", action="store_true", help="57,638 SciFact/NFCorpus documents instead of --docs of --dataset")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for utilisation (default: by name)")
     args = parser.parse_args()
 
     import torch
 
-    from jepa_cache.encoder import encode, load_encoder, pick_device
+    from jepa_cache.encoder import encode, load_encoder, pick_device, tokenize
     from jepa_cache.models import resolve_model
 
     device = pick_device(args.device)
-    texts = subset(args.dataset, args.data_dir, args.docs)
+    texts = fiqa_sized(args.data_dir) if args.fiqa_sized else subset(args.dataset, args.data_dir, args.docs)
     with tempfile.TemporaryDirectory() as tmp:
         folder = random_mpnet(Path(tmp), tokenizer_source()) if args.model == "random-mpnet" else resolve_model(args.model)
         model = load_encoder(folder, device)
@@ -109,9 +138,20 @@ def main() -> None:
         return model.encode(texts, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True)
 
     sides = {"ours": ours, "plain": plain}
+    if device.type == "cuda":  # the half-precision peer: what a user gets from ST with model.half()
+        import copy
+
+        half = copy.deepcopy(model).half()
+
+        def plain_fp16():
+            return half.encode(texts, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True)
+
+        sides["plain_fp16"] = plain_fp16
     head = texts[: args.batch_size]  # warm-up: first-call allocations and kernel choices are not what we measure
     encode(model, head, args.batch_size)
-    model.encode(head, batch_size=args.batch_size)
+    for name, side in sides.items():
+        if name != "ours":
+            (half if name == "plain_fp16" else model).encode(head, batch_size=args.batch_size)
     # Wall time is what a user waits; CPU time (this process, all threads) is what the work costs, and is
     # the steadier figure when other processes share the cores.
     times: dict[str, list[float]] = {name: [] for name in sides}
@@ -119,7 +159,7 @@ def main() -> None:
     outputs: dict[str, np.ndarray] = {}
     load_before = os.getloadavg()
     for run in range(args.runs):
-        order = ["ours", "plain"] if run % 2 == 0 else ["plain", "ours"]
+        order = list(sides) if run % 2 == 0 else list(reversed(sides))
         for name in order:
             sync()
             t0, c0 = time.perf_counter(), time.process_time()
@@ -136,6 +176,17 @@ def main() -> None:
     print(f"plain (SentenceTransformer.encode):   {rate['plain']:.2f} docs/s, {cost['plain']:.3f} CPU s/doc (medians of {args.runs})")
     print(f"ratio ours/plain: {rate['ours'] / rate['plain']:.3f} (wall-clock throughput), {cost['plain'] / cost['ours']:.3f} (CPU time); "
           f"outputs agree: min cosine {cos.min():.7f}, max |diff| {np.abs(outputs['ours'] - outputs['plain']).max():.2e}")
+    if "plain_fp16" in rate:
+        print(f"plain fp16 (SentenceTransformer.encode, model.half()): {rate['plain_fp16']:.1f} docs/s; ratio ours/plain_fp16 "
+              f"{rate['ours'] / rate['plain_fp16']:.3f}; min cosine vs ours {(outputs['ours'] * outputs['plain_fp16']).sum(1).min():.5f}")
+    tokens = sum(len(ids) for ids in tokenize(model, texts)["input_ids"])
+    params = sum(p.numel() for p in model.parameters())
+    peak = peak_tflops(device, args.peak_tflops)
+    for name in sides:
+        flops = 2 * params * tokens / statistics.median(times[name])
+        mfu = f", {100 * flops / (peak * 1e12):.1f}% of the {peak:g} TFLOP/s bf16 peak" if peak else ""
+        print(f"  {name:10s}: {tokens * rate[name] / len(texts):,.0f} real tokens/s, {flops / 1e12:.2f} TFLOP/s "
+              f"(2 x {params / 1e6:.1f}M params x tokens){mfu}")
     cores = os.cpu_count() or 1
     if device.type == "cpu" and max(load_before[0], load_after[0]) > 1.2 * torch.get_num_threads():
         print(f"note: other processes were using the CPU (1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, "

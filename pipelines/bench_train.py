@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--live-dataset", default="scifact")
     ap.add_argument("--live-pairs", type=int, default=48, help="pairs encoded live (about 1 s each on a 2-core CPU)")
     ap.add_argument("--live-batch-size", type=int, default=16)
-    ap.add_argument("--preset", default="default")
+    ap.add_argument("--preset", default="jepa", help="heads preset (the figures in the README used jepa, then named default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
