@@ -22,23 +22,20 @@ PRESETS: dict[str, dict] = {
         lambda_predictive=0.5, lambda_contrastive=0.1, lambda_isotropy=1.0, lambda_reg=0.0, use_stopgrad=True,
         directions=256, epochs=2, batch_size=256, lr=5e-4, weight_decay=0.01, warmup=0.05, grad_clip=1.0, **_CLASSIC,
     ),
-    # The study's heads and loss, kept for a faithful comparison: MLP projection 768→1536→512
-    # (1.97M params) and MLP predictor 512→1024→512 (1.05M), PyTorch's random init, raw outputs
-    # compared by L2, triplet (margin 1.0; without triples the negative is mined in the batch: the
-    # nearest non-positive document, where the study also mined among queries) +
-    # covariance isotropy, MSE predictive term, batch 16, heads at 5e-4.
-    # Where we necessarily differ: its frozen encoder ran in train mode (dropout on, so each
-    # text's vector changed every step); the cache holds the deterministic eval-mode vector.
-    # Bugs not copied: its head learning rate silently fell to ~2e-6 and its scheduler stepped
-    # once per epoch, so its heads barely trained; here the schedule steps every batch.
-    "study": dict(
-        strategy="frozen-predictor", output_dim=512, projection="mlp", projection_hidden=1536, predictor="mlp", predictor_hidden=1024,
-        dropout=0.1, init="random", similarity="l2", query_tower="projection",
-        contrastive="triplet", isotropy="covariance", predictive="mse", temperature=0.05, margin=1.0,
-        lambda_predictive=0.5, lambda_contrastive=0.1, lambda_isotropy=1.0, lambda_reg=0.0, use_stopgrad=True,
-        directions=256, epochs=2, batch_size=16, lr=5e-4, weight_decay=0.01, warmup=0.05, grad_clip=1.0, **_CLASSIC,
-    ),
 }
+# The study's heads and loss, kept for a faithful comparison: MLP projection 768→1536→512
+# (1.97M params) and MLP predictor 512→1024→512 (1.05M), PyTorch's random init, raw outputs
+# compared by L2, triplet (margin 1.0; without triples the negative is mined in the batch: the
+# nearest non-positive document, where the study also mined among queries) +
+# covariance isotropy, MSE predictive term, batch 16, heads at 5e-4.
+# Where we necessarily differ: its frozen encoder ran in train mode (dropout on, so each
+# text's vector changed every step); the cache holds the deterministic eval-mode vector.
+# Bugs not copied: its head learning rate silently fell to ~2e-6 and its scheduler stepped
+# once per epoch, so its heads barely trained; here the schedule steps every batch.
+PRESETS["study"] = dict(
+    PRESETS["jepa"], projection="mlp", predictor="mlp", init="random", similarity="l2", contrastive="triplet",
+    isotropy="covariance", predictive="mse", batch_size=16,
+)
 # The recipe that wins on these cached vectors (pipelines/ABLATION.md; `python pipelines/ablation.py`):
 # a residual linear adapter x + Wx shared by queries and documents that starts exactly at vanilla,
 # InfoNCE over the whole cached corpus plus SIGReg (λ 3: it costs nothing in-domain and keeps the

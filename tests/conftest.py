@@ -153,3 +153,18 @@ def cli(capsys, monkeypatch):
         return code, capsys.readouterr().err
 
     return run
+
+
+def assert_same_store(path: Path, reference: Path) -> None:
+    """Two stores hold the same ids, vectors and shard checksums; the first verifies clean and has no leftovers."""
+    from jepa_cache.store import open_store, verify_store
+
+    got, ref = open_store(path), open_store(reference)
+    for section in ("corpus", "queries"):
+        assert got.section(section).ids == ref.section(section).ids
+        assert np.array_equal(got.section(section).vectors(), ref.section(section).vectors())
+    assert got.provenance["shards"] == ref.provenance["shards"]
+    assert verify_store(path) == []
+    leftovers = [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.creating-")]
+    leftovers += list(path.rglob("*.partial")) + list(path.rglob(".*.tmp"))
+    assert leftovers == []

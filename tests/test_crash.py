@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import pytest
 
-from conftest import write_beir
+from conftest import assert_same_store, write_beir
 from jepa_cache.build import build
 from jepa_cache.config import BuildConfig
 from jepa_cache.errors import UserError
@@ -58,18 +58,6 @@ def forkserver():
 def build_args(data: Path, model: Path, out: Path, batch_size: int = 8) -> list[str]:
     return ["build", "--dataset", str(data), "--model", str(model), "--out", str(out), "--dtype", "float32",
             "--shard-rows", "16", "--chunk-rows", "8", "--batch-size", str(batch_size)]
-
-
-def assert_same_store(path: Path, reference: Path) -> None:
-    got, ref = open_store(path), open_store(reference)
-    for section in ("corpus", "queries"):
-        assert got.section(section).ids == ref.section(section).ids
-        assert np.array_equal(got.section(section).vectors(), ref.section(section).vectors())
-    assert got.provenance["shards"] == ref.provenance["shards"]
-    assert verify_store(path) == []
-    leftovers = [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.creating-")]
-    leftovers += list(path.rglob("*.partial")) + list(path.rglob(".*.tmp"))
-    assert leftovers == []
 
 
 def kill_until_complete(start, out: Path, delay, rng: random.Random, max_kills: int) -> int:

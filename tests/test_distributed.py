@@ -11,16 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import write_beir
+from conftest import assert_same_store, write_beir
 from jepa_cache.build import build
 from jepa_cache.config import BuildConfig, TrainConfig
 from jepa_cache.distributed import World, split_rows
 from jepa_cache.heads import load_heads
-from jepa_cache.store import StoreWriter, open_store, verify_store
+from jepa_cache.store import StoreWriter, open_store
 from jepa_cache.train import train
 
 QUIET = dict(log=lambda s: None)
@@ -53,22 +52,13 @@ def _build_args(data: Path, model: Path, out: Path) -> list[str]:
             "--chunk-rows", "8", "--batch-size", "8", "--device", "cpu"]
 
 
-def _same_store(a: Path, b: Path) -> None:
-    x, y = open_store(a), open_store(b)
-    for section in ("corpus", "queries"):
-        assert x.section(section).ids == y.section(section).ids
-        assert np.array_equal(x.section(section).vectors(), y.section(section).vectors())
-    assert x.provenance["shards"] == y.provenance["shards"]
-    assert verify_store(a) == []
-
-
 def test_two_rank_build_equals_one_process_build_and_resumes_per_shard(data, tiny_model, tmp_path):
     ref = tmp_path / "one"
     build(BuildConfig(dataset=str(data), model=str(tiny_model), out=str(ref), dtype="float32", shard_rows=16, chunk_rows=8,
                       batch_size=8, device="cpu"), **QUIET)
     log = torchrun(*_build_args(data, tiny_model, tmp_path / "two"))
     assert "2 ranks: 14 shards dealt round-robin" in log  # 150 docs -> 10 shards, 60 queries -> 4
-    _same_store(tmp_path / "two", ref)
+    assert_same_store(tmp_path / "two", ref)
 
     # a store whose single-process writer died after 3 shards: the 2-rank job encodes only the other 11
     done = open_store(ref)
@@ -80,7 +70,7 @@ def test_two_rank_build_equals_one_process_build_and_resumes_per_shard(data, tin
     writer.write_shard("queries", 3, done.queries.vectors(rows=slice(48, 60)))
     log = torchrun(*_build_args(data, tiny_model, partial))
     assert "resuming; 3 shard(s) already done" in log and "11 shards dealt" in log
-    _same_store(partial, ref)
+    assert_same_store(partial, ref)
 
 
 @pytest.mark.parametrize("preset,extra", [
