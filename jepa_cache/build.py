@@ -7,7 +7,6 @@ Texts are then streamed a shard at a time, so memory does not grow with the corp
 
 from __future__ import annotations
 
-import os
 import time
 from itertools import islice
 from pathlib import Path

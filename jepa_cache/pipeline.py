@@ -7,7 +7,6 @@ what depends on it.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import tomllib
@@ -17,7 +16,7 @@ from typing import Any, Callable
 
 from .config import EvalConfig, ImportConfig, LiveConfig, TrainConfig
 from .errors import UserError
-from .files import atomic_write_bytes, atomic_write_json, canonical_hash, read_json
+from .files import canonical_hash, read_json
 from .models import DEFAULT_MODEL
 from .presets import DEFAULT_PRESET, LIVE_PRESET
 

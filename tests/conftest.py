@@ -168,3 +168,27 @@ def assert_same_store(path: Path, reference: Path) -> None:
     leftovers = [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.creating-")]
     leftovers += list(path.rglob("*.partial")) + list(path.rglob(".*.tmp"))
     assert leftovers == []
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only adds synchronisation (badly so on a busy CPU)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_built(tiny_model, tmp_path_factory):
+    """A tiny BEIR folder (train/test qrels, no dev split) and its float32 store built with the tiny encoder."""
+    from jepa_cache.build import build
+    from jepa_cache.config import BuildConfig
+
+    root = tmp_path_factory.mktemp("tiny-built")
+    data = write_beir(root / "data" / "tiny")
+    store = build(BuildConfig(dataset=str(data), model=str(tiny_model), out=str(root / "store"), dtype="float32",
+                              shard_rows=16, chunk_rows=8, batch_size=8), log=lambda s: None)
+    return data, store

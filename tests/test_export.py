@@ -7,9 +7,8 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from conftest import minilm_folder, write_beir
-from jepa_cache.build import build
-from jepa_cache.config import BuildConfig, TrainConfig
+from conftest import minilm_folder
+from jepa_cache.config import TrainConfig
 from jepa_cache.datasets import corpus_text, find_dataset, iter_records, query_text
 from jepa_cache.export import EXPORT_FILE
 from jepa_cache.heads import load_heads
@@ -17,23 +16,14 @@ from jepa_cache.search import prepare
 from jepa_cache.train import train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread only adds synchronisation (badly so on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def store(tiny_model, tmp_path_factory):
-    """A float32 store of the tiny BEIR set built with the tiny encoder, and the dataset it came from."""
-    root = tmp_path_factory.mktemp("export")
-    beir = write_beir(root / "data" / "tiny")
-    built = build(BuildConfig(dataset=str(beir), model=str(tiny_model), out=str(root / "store"), dtype="float32",
-                              shard_rows=16, chunk_rows=8, batch_size=8), log=lambda s: None)
-    return built, find_dataset(str(beir))
+def store(tiny_built):
+    """The shared tiny float32 store, and the dataset it came from."""
+    data, built = tiny_built
+    return built, find_dataset(str(data))
 
 
 def _train(store, out, **kw):

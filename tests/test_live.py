@@ -21,23 +21,12 @@ QUIET = dict(log=lambda s: None)
 SMALL = dict(preset="jepa", output_dim=8, projection_hidden=16, predictor_hidden=16, batch_size=4, epochs=2, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_model):
-    """A tiny BEIR folder (no dev split) and its float32 store built with the tiny encoder."""
-    root = tmp_path_factory.mktemp("live")
-    data = write_beir(root / "data" / "tiny")
-    store = build(BuildConfig(dataset=str(data), model=str(tiny_model), out=str(root / "store"), dtype="float32",
-                              shard_rows=16, chunk_rows=8, batch_size=4), **QUIET)
-    return data, store
+def tiny(tiny_built):
+    return tiny_built
 
 
 def _live(tiny, out, strategy, **kw):
