@@ -72,11 +72,13 @@ def make_dataset(root: Path, rows: int, queries: int = 200) -> Path:
 def peak_rss(argv: list[str]) -> tuple[float, float]:
     """Run `jepa-cache ARGV` in a child; returns (peak RSS in MB, wall seconds)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "jepa_cache", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"jepa-cache {' '.join(argv)} failed:\n{proc.stderr.read().decode()[-2000:]}")
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: nobody reads a pipe during wait4, and a full one blocks the child
+        proc = subprocess.Popen([sys.executable, "-m", "jepa_cache", *argv], stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"jepa-cache {' '.join(argv)} failed:\n{err.read().decode()[-2000:]}")
     return usage.ru_maxrss / 1024, seconds  # ru_maxrss is in KiB on Linux
 
 
