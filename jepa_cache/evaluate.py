@@ -183,7 +183,8 @@ def _evaluate_one(prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, simi
     block_rows = cfg.block_rows or max(1, BLOCK_BYTES // (4 * store.dim))
 
     def blocks() -> Iterator[np.ndarray]:
-        for _, block in store.corpus.iter_blocks(block_rows):
+        # read as stored (float16 by default): the float32 copy is made by the search, one block at a time
+        for _, block in store.corpus.iter_blocks(block_rows, dtype=store.corpus.array.dtype):
             yield _apply(heads.encode_documents, block) if heads is not None else block
 
     in_memory = store.corpus.rows <= block_rows  # fits: read (and project) once, reuse for the exact reference

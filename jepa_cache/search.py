@@ -46,12 +46,15 @@ def check_similarity(similarity: str) -> str:
 
 
 def prepare(x: np.ndarray, similarity: str) -> np.ndarray:
-    """Contiguous float32, rows L2-normalised for cosine (what FAISS needs)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    """Contiguous float32, rows L2-normalised for cosine (what FAISS needs); the caller's array is never modified."""
+    y = np.ascontiguousarray(x, dtype=np.float32)
     if similarity == "cos":
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        x = x / np.maximum(norms, np.finfo(np.float32).tiny)
-    return x
+        norms = np.maximum(np.linalg.norm(y, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+        if y is x:
+            y = y / norms
+        else:  # already our own copy: normalise in place, one block-sized array fewer at the peak
+            y /= norms
+    return y
 
 
 def merge_top_k(scores_a: np.ndarray, idx_a: np.ndarray, scores_b: np.ndarray, idx_b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,6 +121,7 @@ def _exact_faiss(blocks: Iterable[np.ndarray], q: np.ndarray, k: int, similarity
         spent += time.perf_counter() - t0
         best = merge_top_k(*best, scores, np.where(labels >= 0, labels + offset, -1), k)
         offset += len(block)
+        del block, flat, index  # before the next block is read: one block (and its index copy) alive at a time
     return *best, f"{where} Flat", spent
 
 
@@ -146,6 +150,7 @@ def _exact_torch(blocks: Iterable[np.ndarray], q: np.ndarray, k: int, similarity
             spent += time.perf_counter() - t0
             best = merge_top_k(*best, np.concatenate(top_s), np.concatenate(top_i).astype(np.int64), k)
             offset += len(docs)
+            del block, docs, doc_sq  # before the next block is read
     return *best, f"torch {device.type}", spent
 
 

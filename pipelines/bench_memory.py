@@ -90,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="200000,2000000", help="corpus sizes, comma-separated")
     ap.add_argument("--eval-block-rows", type=int, default=131072, help="corpus rows eval searches at a time")
+    ap.add_argument("--eval-only", action="store_true", help="reuse the --keep folder's largest store; measure eval only")
     ap.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one, removed)")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-memory-"))
@@ -99,7 +100,7 @@ def main() -> None:
         encoder = make_encoder(work / "model") if not (work / "model" / "encoder").exists() else work / "model" / "encoder"
         sizes = [int(x) for x in args.rows.split(",")]
         results = []
-        for rows in sizes:
+        for rows in [] if args.eval_only else sizes:
             data = make_dataset(work / f"data-{rows}" / f"synthetic{rows}", rows)
             store = work / f"store-{rows}"
             shutil.rmtree(store, ignore_errors=True)
