@@ -15,7 +15,7 @@ from typing import Callable
 from .config import BuildConfig
 from .datasets import CORPUS_TEMPLATE, QUERY_TEMPLATE, BeirDataset, corpus_text, find_dataset, iter_records, query_text, read_ids
 from .errors import UserError
-from .distributed import barrier, broadcast, main_lock, rank_device, world
+from .distributed import barrier, broadcast, gather_to_main, main_lock, rank_device, world
 from .files import atomic_write_json, check_writable
 from .models import canonical_name, resolve_model, weights_sha256
 from .store import DTYPES, SECTIONS, Store, StoreWriter, default_store_path, open_store
@@ -80,10 +80,18 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
 
     if not cfg.overwrite:
         wanted = {"source": "built", "weights_sha256": sha, "dataset files": files, "dtype": cfg.dtype, "layout": layout}
-        existing = _existing(out, wanted)
-        if existing is not None and existing.complete:
-            log(f"{out}: already complete ({existing.corpus.rows} docs, {existing.queries.rows} queries); nothing to do")
-            return existing
+        found = None  # rank 0 looks and every rank follows, so that no rank returns while the others wait
+        if w.main:
+            try:
+                existing = _existing(out, wanted)
+                found = ("complete", f"{existing.corpus.rows} docs, {existing.queries.rows} queries") if existing and existing.complete else None
+            except UserError as e:
+                found = ("refused", str(e))
+        if found := broadcast(w, found):
+            if found[0] == "refused":
+                raise UserError(found[1])
+            log(f"{out}: already complete ({found[1]}); nothing to do")
+            return open_store(out)
 
     from .encoder import embedding_dim, encoder_info, load_encoder, pick_device
 
@@ -133,6 +141,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
         from .encoder import encode
 
         t0 = time.perf_counter()
+        written: dict[tuple[str, int], str] = {}
         with tqdm(total=rows_mine, unit="rows", desc=f"build {dataset.name}", dynamic_ncols=True, disable=not w.main) as bar:
             for section in SECTIONS:
                 if not any(s == section for s, _ in mine):
@@ -144,12 +153,15 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
                         raise UserError(f"{paths[section]}: changed while the build was reading it; run the build again")
                     if (section, index) in mine:
                         bar.set_postfix_str(f"{section} shard {index}", refresh=False)
-                        writer.write_shard(section, index, encode(model, window, cfg.batch_size, on_batch=bar.update))
-        barrier(w)  # every rank's shards are written
+                        vectors = encode(model, window, cfg.batch_size, on_batch=bar.update)
+                        written[(section, index)] = writer.write_shard(section, index, vectors)
+        # every rank's shards are written; their checksums travel to rank 0 rather than through the
+        # filesystem, whose view of other nodes' fresh files may lag (NFS attribute caches)
+        written = gather_to_main(w, written)
         if w.main:
-            writer.finalize()
+            writer.finalize(written=written)
         barrier(w)
-        store = open_store(out)
+        store = open_store(out, require_complete=w.main)
         seconds = time.perf_counter() - t0
         rate = rows_todo / seconds if seconds > 0 else float("nan")
         log(

@@ -40,19 +40,24 @@ def world(device: str = "auto") -> World:
         return World()
     import torch.distributed as dist
 
+    from .errors import UserError
+
+    if device not in ("auto", "cuda", "cpu"):
+        raise UserError(f"--device {device} under torchrun: use auto, cuda or cpu; each rank takes its node's GPU LOCAL_RANK")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        gpu = device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() > local_rank
+        # the same decision on every rank (homogeneous nodes): NCCL for GPUs, gloo for CPU tensors
+        gpu = device != "cpu" and torch.cuda.is_available()
         if gpu:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if gpu else "gloo")
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if gpu else "gloo")
     return World(rank, size, local_rank)
 
 
 def rank_device(device: str, w: World) -> str:
-    """`auto`/`cuda` on rank r of a job is that node's GPU `local_rank` when it has one."""
+    """`auto`/`cuda` on rank r of a job is its node's GPU `local_rank` (modulo the GPUs it sees) when it has one."""
     if w.distributed and device in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{w.local_rank}"
+        return f"cuda:{w.local_rank % torch.cuda.device_count()}"
     return device
 
 
@@ -72,6 +77,26 @@ def broadcast(w: World, obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_to_main(w: World, part: dict) -> dict:
+    """Every rank's dict merged on rank 0 (the other ranks get an empty one)."""
+    if not w.distributed:
+        return part
+    import torch.distributed as dist
+
+    parts = [None] * w.size if w.main else None
+    dist.gather_object(part, parts, dst=0)
+    return {k: v for p in parts for k, v in p.items()} if w.main else {}
+
+
+def broadcast_tensor(w: World, x: Tensor) -> Tensor:
+    """Rank 0's tensor on every rank, in place (every rank passes one of the same shape and dtype)."""
+    if w.distributed:
+        import torch.distributed as dist
+
+        dist.broadcast(x, src=0)
+    return x
 
 
 def split_rows(n: int, w: World) -> tuple[int, int]:
@@ -133,15 +158,16 @@ def main_lock(target, what: str, w: World) -> Iterator[None]:
             yield
         return
     lock = exclusive_lock(target, what) if w.main else nullcontext()
+    refused, held = None, False
     try:
-        lock.__enter__()
-        refused = None
-    except UserError as e:
-        refused = str(e)
-    refused = broadcast(w, refused)
-    if refused:
-        raise UserError(refused)
-    try:
+        try:
+            lock.__enter__()
+            held = True
+        except Exception as e:  # noqa: BLE001  (any failure must reach the other ranks, or they wait forever)
+            refused = str(e) if isinstance(e, UserError) else f"{target}: {type(e).__name__}: {e}"
+        if refused := broadcast(w, refused):
+            raise UserError(refused)
         yield
     finally:
-        lock.__exit__(None, None, None)
+        if held:
+            lock.__exit__(None, None, None)

@@ -50,7 +50,7 @@ def prepare(x: np.ndarray, similarity: str) -> np.ndarray:
     y = np.ascontiguousarray(x, dtype=np.float32)
     if similarity == "cos":
         norms = np.maximum(np.linalg.norm(y, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-        if y is x:
+        if np.shares_memory(y, x):  # the caller's data (or a view of it, e.g. a memmap): leave it alone
             y = y / norms
         else:  # already our own copy: normalise in place, one block-sized array fewer at the peak
             y /= norms

@@ -369,8 +369,8 @@ class StoreWriter:
     def missing_shards(self, section: str) -> list[tuple[int, int, int]]:
         return [r for r in self.shard_ranges(section) if not self.done(section, r[0])]
 
-    def write_shard(self, section: str, index: int, vectors: np.ndarray) -> None:
-        """Write one whole shard (rows of shard `index`), then its marker with a checksum."""
+    def write_shard(self, section: str, index: int, vectors: np.ndarray) -> str:
+        """Write one whole shard (rows of shard `index`), then its marker with a checksum; returns the checksum."""
         _, start, stop = self.shard_ranges(section)[index]
         if vectors.shape != (stop - start, self.provenance["dim"]):
             raise ValueError(f"shard {section}/{index} needs shape {(stop - start, self.provenance['dim'])}, got {vectors.shape}")
@@ -378,18 +378,25 @@ class StoreWriter:
             raise UserError(f"{section} shard {index} (rows {start}-{stop}): the encoder produced NaN/inf; nothing written")
         block = np.ascontiguousarray(vectors, dtype=self.provenance["dtype"])
         self.group[f"{section}/emb"][start:stop] = block
+        sha = _block_sha(block)
         atomic_write_json(
             _marker_path(self.path, section, index),
-            {"section": section, "index": index, "start": start, "stop": stop, "sha256": _block_sha(block)},
+            {"section": section, "index": index, "start": start, "stop": stop, "sha256": sha},
         )
+        return sha
 
-    def finalize(self, extra: dict | None = None) -> Store:
-        """Record every shard checksum in the provenance and mark the store complete."""
-        missing = {s: len(self.missing_shards(s)) for s in SECTIONS}
+    def finalize(self, extra: dict | None = None, written: dict[tuple[str, int], str] | None = None) -> Store:
+        """Record every shard checksum in the provenance and mark the store complete.
+
+        `written`: checksums of shards just written (by this or another process), used instead of
+        their markers; the other shards' come from their markers.
+        """
+        written = written or {}
+        missing = {s: len([i for i, _, _ in self.missing_shards(s) if (s, i) not in written]) for s in SECTIONS}
         if any(missing.values()):
             raise RuntimeError(f"cannot finalize {self.path}: shards missing {missing}")
         shards = {
-            s: [json.loads(_marker_path(self.path, s, i).read_text())["sha256"] for i, _, _ in self.shard_ranges(s)]
+            s: [written.get((s, i)) or json.loads(_marker_path(self.path, s, i).read_text())["sha256"] for i, _, _ in self.shard_ranges(s)]
             for s in SECTIONS
         }
         self.group.attrs.update({**(extra or {}), "shards": shards, "complete": True, "finished": now_iso()})

@@ -50,7 +50,7 @@ from .datasets import find_dataset, iter_jsonl, read_qrels
 from .encoder import pick_device
 from .errors import UserError
 from .files import atomic_write_json
-from .distributed import World, average_gradients, barrier, main_lock, rank_device, sharded_forward, world
+from .distributed import World, average_gradients, barrier, broadcast, broadcast_tensor, main_lock, rank_device, sharded_forward, world
 from .heads import META_FILE, Heads, HeadsConfig, describe, save_heads
 from .presets import PRESETS
 from .losses import PART_NAMES, JEPASIGRegLoss, first_nonfinite
@@ -513,7 +513,8 @@ def fit(
             (same seed), runs the heads on its share of the rows, and all-gathers the outputs with
             their gradients, so the loss (InfoNCE over every rank's documents, SIGReg over the
             global batch with the same directions) is the single-process loss; gradients are then
-            averaged, as DDP does. Dropout masks differ from a single process' (other RNG draws).
+            averaged, as DDP does. Dropout masks differ from a single process' (each rank draws its
+            own). Rank 0 scores dev and every rank follows its choice.
     """
     device = index.q.device
     _choice("sampling", sampling, SAMPLINGS)
@@ -537,7 +538,8 @@ def fit(
         nonlocal best_state, best_epoch
         if dev is None:
             return
-        dev_scores.append(float(dev(heads)))
+        # rank 0 scores and every rank follows: the epoch kept (and so a refit's length) must agree
+        dev_scores.append(broadcast(world, float(dev(heads)) if world.main else None))
         if select == "dev" and (best_epoch is None or dev_scores[-1] > dev_scores[best_epoch]):
             best_state = {k: v.detach().clone() for k, v in heads.state_dict().items()}
             best_epoch = epoch
@@ -676,10 +678,12 @@ def _fit_once(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device
         query_vectors = torch.from_numpy(store.queries.vectors(np.float32, index.query_rows))
         source = CachedSource(query_vectors.to(device), doc_vectors.to(device))
     torch.manual_seed(cfg.seed)  # heads init and dropout masks
-    heads = build_heads(cfg, store.dim, doc_vectors).to(device)
+    heads = build_heads(cfg, store.dim, doc_vectors).to(device)  # the same initial heads on every rank
+    if w.distributed:
+        torch.manual_seed(cfg.seed + w.rank)  # each rank's share of the batch gets its own dropout masks
     criterion = build_criterion(cfg)
     optimizer = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    mined = mine_negatives(heads, source, index, cfg.mine_k) if cfg.negatives == "mined" else None
+    mined = broadcast_tensor(w, mine_negatives(heads, source, index, cfg.mine_k)) if cfg.negatives == "mined" else None
     initial = {k: v.detach().clone() for k, v in heads.state_dict().items()}
 
     def dev_score(h: Heads) -> float:  # the heads as they would be saved: interpolated

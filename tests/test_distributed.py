@@ -25,11 +25,11 @@ from jepa_cache.train import train
 QUIET = dict(log=lambda s: None)
 
 
-def torchrun(*argv: str, ranks: int = 2) -> str:
+def torchrun(*argv: str, ranks: int = 2, expect: int = 0) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "jepa_cache", *argv]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # a hung rank fails here
+    assert (done.returncode == 0) == (expect == 0), done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
 
@@ -71,6 +71,17 @@ def test_two_rank_build_equals_one_process_build_and_resumes_per_shard(data, tin
     log = torchrun(*_build_args(data, tiny_model, partial))
     assert "resuming; 3 shard(s) already done" in log and "11 shards dealt" in log
     assert_same_store(partial, ref)
+    assert "already complete" in torchrun(*_build_args(data, tiny_model, partial))  # every rank returns, none waits
+
+
+def test_a_refusal_on_rank_0_reaches_every_rank(data, tiny_model, tmp_path):
+    """Another process holds the store's lock: the 2-rank job fails with the lock's message instead of hanging."""
+    from jepa_cache.files import exclusive_lock
+
+    out = tmp_path / "busy"
+    with exclusive_lock(out, "build"):
+        log = torchrun(*_build_args(data, tiny_model, out), expect=1)
+    assert "another build is writing here right now" in log
 
 
 @pytest.mark.parametrize("preset,extra", [

@@ -71,3 +71,16 @@ def test_bad_inputs_are_user_errors(data):
         top_k(docs, queries, 10, index="NoSuchIndex")
     with pytest.raises(UserError, match="similarity"):
         top_k(docs, queries, 10, similarity="dot")
+
+
+def test_prepare_never_modifies_the_callers_vectors(tmp_path):
+    from jepa_cache.search import prepare
+
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=x.shape)
+    mm[:] = x
+    for given in (x, mm, x.astype(np.float16)):
+        before = np.array(given, copy=True)
+        out = prepare(given, "cos")
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-6)
+        assert np.array_equal(np.asarray(given), before)
