@@ -303,3 +303,16 @@ def test_live_options_are_checked():
     for bad in (dict(head_lr=0.0), dict(encoder_lr=-1.0), dict(val_fraction=1.0), dict(phase2_epochs=0)):
         with pytest.raises(UserError):
             resolve_live(LiveConfig(train=TrainConfig(store="", preset="jepa"), strategy="hybrid", **bad))
+
+
+def test_hybrid_takes_the_best_preset(tiny, tmp_path):
+    """A recipe's hybrid row defaults to `best`: phase 1 is best (corpus negatives, dev slice, refit) on the cache,
+    then phase 2 trains the encoder with those heads."""
+    data, store = tiny
+    tcfg = TrainConfig(store=str(store.path), dataset=str(data), out=str(tmp_path / "hybrid"), preset="best", epochs=2,
+                       batch_size=4, device="cpu")
+    hybrid = train_live(LiveConfig(train=tcfg, strategy="hybrid", threshold=0.0, val_fraction=0.34), **QUIET)
+    phase1 = json.loads((hybrid.out / "phase1" / "config.json").read_text())
+    assert (phase1["preset"], phase1["negatives"], phase1["refit"]) == ("best", "corpus", True)
+    assert hybrid.validation["phase2"] and hybrid.encoder_changed
+    assert load_heads(hybrid.out).config.output_dim == store.dim  # best's width: the encoder's
