@@ -59,7 +59,7 @@ TOWERS = ("projection", "predictor")
 
 @dataclass
 class HeadsConfig:
-    """Architecture of the heads; the defaults are the `default` preset's heads."""
+    """Architecture of the heads; the field defaults are the `jepa` preset's heads."""
 
     input_dim: int = 768
     output_dim: int = 512
