@@ -69,7 +69,7 @@ def build(
 
 
 @app.command()
-def verify(store: Path = typer.Argument(..., help="Store folder to check.")) -> None:
+def verify(store: str = typer.Argument(..., help="Store folder to check (local: verify reads its shard markers).")) -> None:
     """Check a store: provenance, shapes, finished shards, NaN/inf and per-shard checksums."""
     from .store import verify_store
 
@@ -113,7 +113,7 @@ def import_cmd(
 def eval_cmd(
     dataset: list[str] = typer.Option(..., "--dataset", help="Dataset(s) to score; repeat or comma-separate for one table."),
     split: str = typer.Option("test", "--split", help="qrels split to score."),
-    store: Optional[Path] = typer.Option(None, "--store", help="Store folder (one dataset only; default data/cache/<dataset>/<model>)."),
+    store: Optional[str] = typer.Option(None, "--store", help="Store folder or fsspec URL, e.g. s3://bucket/store (one dataset only; default data/cache/<dataset>/<model>)."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", help="Encoder whose default store to use."),
     data_dir: Optional[Path] = DataDirOpt,
     heads: Optional[Path] = typer.Option(None, "--heads", help="Trained heads; without them the base vectors are scored (vanilla)."),
@@ -145,7 +145,7 @@ def eval_cmd(
 
 @app.command("train-heads")
 def train_heads_cmd(
-    store: Path = typer.Option(..., "--store", help="Store folder (from build or import) holding the dataset's vectors."),
+    store: str = typer.Option(..., "--store", help="Store folder (from build or import) holding the dataset's vectors, or an fsspec URL to read it from (s3://, gs://, https://, ...)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Heads folder (default runs/heads/<dataset>/<preset>-<strategy>-s<seed>)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset for the qrels (name or folder; default: the store's)."),
     data_dir: Optional[Path] = DataDirOpt,

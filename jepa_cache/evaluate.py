@@ -141,7 +141,7 @@ def _prepare(dataset: BeirDataset, cfg: EvalConfig, heads: Any, similarity: str,
     name = dataset.name
     qrels_path = dataset.qrels_path(cfg.split)
     qrels = read_qrels(qrels_path)
-    store_path = Path(cfg.store) if cfg.store else default_store_path(dataset.name, Path(model_folder_name(cfg.model)))
+    store_path = cfg.store if cfg.store else default_store_path(dataset.name, Path(model_folder_name(cfg.model)))
     store = open_store(store_path, expect_encoder=heads.encoder_fingerprint if heads is not None else None)
     heads_dim = getattr(heads.config, "input_dim", None) if heads is not None else None
     if heads_dim is not None and heads_dim != store.dim:

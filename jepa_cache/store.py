@@ -105,8 +105,22 @@ def _write_ids(path: Path, ids: Sequence[str]) -> None:
         pq.write_table(pa.table({"id": pa.array(list(ids), pa.string())}), tmp)
 
 
-def _read_ids(path: Path) -> list[str]:
+def is_url(path: str | os.PathLike) -> bool:
+    """An fsspec URL (s3://, gs://, https://, memory://, ...): such stores are read, never written."""
+    return "://" in str(path)
+
+
+def _join(base: str | Path, *parts: str) -> str | Path:
+    return "/".join([str(base).rstrip("/"), *parts]) if is_url(base) else Path(base).joinpath(*parts)
+
+
+def _read_ids(path: str | Path) -> list[str]:
     try:
+        if is_url(path):
+            import fsspec  # noqa: PLC0415  (zarr's own dependency for remote stores)
+
+            with fsspec.open(str(path), "rb") as f:
+                return pq.read_table(f, columns=["id"]).column("id").to_pylist()
         return pq.read_table(path, columns=["id"]).column("id").to_pylist()
     except FileNotFoundError:
         raise UserError(f"{path}: missing; the store is incomplete or damaged (run `jepa-cache verify`)") from None
@@ -169,8 +183,8 @@ class Section:
 class Store:
     """A finished (or, for the writer, in-progress) embedding store opened for reading."""
 
-    def __init__(self, path: Path, group: Any):
-        self.path = path
+    def __init__(self, path: Path | str, group: Any):
+        self.path = path  # a local folder, or an fsspec URL (read-only)
         self.group = group
         self.provenance: dict = dict(group.attrs)
         layout = self.provenance.get("layout", {})
@@ -181,7 +195,7 @@ class Store:
         if name not in SECTIONS:
             raise ValueError(f"unknown section {name!r}")
         if name not in self._sections:
-            ids = _read_ids(self.path / name / "ids.parquet")
+            ids = _read_ids(_join(self.path, name, "ids.parquet"))
             array = self.group[f"{name}/emb"]
             if array.shape[0] != len(ids):
                 raise UserError(f"{self.path}/{name}: {array.shape[0]} vectors but {len(ids)} ids; the store is damaged")
@@ -245,8 +259,19 @@ def open_store(
         expect_encoder: encoder fingerprint the caller was built for (e.g. recorded in heads).
         require_complete: refuse a store whose build has not finished.
     """
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
+    if is_url(path):  # read from any filesystem fsspec knows; building and importing stay local (POSIX)
+        path = str(path).rstrip("/")
+        try:
+            import fsspec  # noqa: PLC0415
+
+            fs, root = fsspec.core.url_to_fs(path)
+            found = fs.exists(f"{root}/zarr.json")
+        except (ImportError, ValueError) as e:
+            raise UserError(f"{path}: cannot read this URL ({e}); install the fsspec backend it needs (e.g. s3fs, gcsfs)") from None
+    else:
+        path = Path(path)
+        found = (path / "zarr.json").is_file()
+    if not found:
         raise UserError(f"{path}: not a jepa-cache store (no zarr.json); build one with `jepa-cache build` or `jepa-cache import`")
     zarr = _zarr()
     try:
@@ -426,6 +451,9 @@ def _alive(pid: int) -> bool:
 
 def verify_store(path: str | os.PathLike) -> list[str]:
     """Every problem found in a store (empty when sound): provenance, shapes, shards, checksums, NaN/inf."""
+    if is_url(path):
+        raise UserError(f"{path}: verify reads shard markers on a local filesystem; verify the store before uploading it, "
+                        "or copy it back and verify the copy")
     problems: list[str] = []
     try:
         store = open_store(path, require_complete=False)

@@ -172,3 +172,36 @@ def test_leftovers_of_killed_writers_are_cleaned(tmp_path, vectors):
 def test_marker_records_the_shard_checksum(store):
     marker = json.loads((store.path / "_shards" / "corpus-000003.json").read_text())
     assert marker["start"] == 192 and marker["stop"] == 200 and marker["sha256"] == store.provenance["shards"]["corpus"][3]
+
+
+def test_a_store_is_read_from_an_fsspec_url_as_from_its_folder(tiny_built, tmp_path, cli):
+    """eval and train-heads take `--store <fsspec URL>` (here memory://, in this process) and give what the local
+    folder gives; verify, which needs the local shard markers, says so."""
+    import json
+
+    import fsspec
+    import torch
+
+    from jepa_cache.heads import load_heads
+
+    data, store = tiny_built
+    fs = fsspec.filesystem("memory")
+    fs.put(str(store.path), "/remote-store", recursive=True)
+    url = "memory://remote-store"
+    remote = open_store(url)
+    assert remote.corpus.ids == store.corpus.ids and np.array_equal(remote.corpus.vectors(), store.corpus.vectors())
+    assert remote.fingerprint == store.fingerprint
+
+    for name, where in (("local", str(store.path)), ("remote", url)):
+        code, err = cli(["eval", "--dataset", str(data), "--store", where, "--split", "test", "--out", str(tmp_path / f"eval-{name}")])
+        assert code == 0, err
+        code, err = cli(["train-heads", "--store", where, "--dataset", str(data), "--preset", "jepa", "--output-dim", "8",
+                         "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / f"heads-{name}")])
+        assert code == 0, err
+    metrics = [json.loads((tmp_path / f"eval-{n}" / "results.json").read_text())["datasets"]["tiny"]["metrics"] for n in ("local", "remote")]
+    assert metrics[0] == metrics[1]
+    a, b = (load_heads(tmp_path / f"heads-{n}").state_dict() for n in ("local", "remote"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    code, err = cli(["verify", url])
+    assert code == 2 and "verify reads shard markers on a local filesystem" in err
+    fs.rm("/remote-store", recursive=True)
