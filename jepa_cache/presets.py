@@ -55,8 +55,12 @@ LIVE_PRESET = "jepa"  # train-live and a pipeline's `full` strategy: in-batch ne
 
 
 def by_preset(field: str) -> str:
-    """`[best: 768; jepa: 512; study: 512]` for --help (one value when every preset agrees)."""
-    values = {name: preset[field] for name, preset in PRESETS.items()}
+    """`(best: 0, jepa: 512, study: 512)` for --help, the default preset first; one value when all agree.
+
+    Parentheses, not brackets: --help is rendered by rich, which would take `[...]` for markup.
+    """
+    names = [DEFAULT_PRESET, *(n for n in PRESETS if n != DEFAULT_PRESET)]
+    values = {name: PRESETS[name][field] for name in names}
     if len(set(map(repr, values.values()))) == 1:
-        return f"[{next(iter(values.values()))}]"
-    return "[" + "; ".join(f"{name}: {value}" for name, value in values.items()) + "]"
+        return f"(every preset: {next(iter(values.values()))})"
+    return "(" + ", ".join(f"{name}: {value}" for name, value in values.items()) + ")"

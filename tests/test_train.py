@@ -421,3 +421,15 @@ def test_cli_train_heads_best_options(tiny_store, tiny_beir, tmp_path):
     assert (config["strategy"], config["negatives"], config["mine_k"], config["refit"], config["interpolate"], config["rank"]) == \
         ("frozen-isotropy", "mined", 3, False, 0.5, 4)
     assert load_heads(out).meta["training"]["dev"]["best_epoch"] in (0, 1, 2)
+
+
+def test_help_shows_every_presets_value():
+    """The per-preset defaults reach --help (rich would swallow them as markup if they were in brackets)."""
+    from typer.testing import CliRunner
+
+    from jepa_cache.cli import app
+
+    result = CliRunner().invoke(app, ["train-heads", "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "(best: 0, jepa: 512, study: 512)" in text and "(every preset: 0.1)" in text
