@@ -15,7 +15,7 @@ from typing import Callable
 from .config import BuildConfig
 from .datasets import CORPUS_TEMPLATE, QUERY_TEMPLATE, BeirDataset, corpus_text, find_dataset, iter_records, query_text, read_ids
 from .errors import UserError
-from .distributed import barrier, broadcast, gather_to_main, main_lock, rank_device, world
+from .distributed import barrier, broadcast, gather_to_main, main_lock, on_main, rank_device, world
 from .files import atomic_write_json, check_writable
 from .models import canonical_name, resolve_model, weights_sha256
 from .store import DTYPES, SECTIONS, Store, StoreWriter, default_store_path, open_store
@@ -57,6 +57,20 @@ def _existing(out: Path, wanted: dict) -> Store | None:
     return existing
 
 
+def _complete_summary(out: Path, wanted: dict) -> str | None:
+    """"N docs, M queries" when `out` already holds this build, finished; None when there is work to do."""
+    existing = _existing(out, wanted)
+    return f"{existing.corpus.rows} docs, {existing.queries.rows} queries" if existing and existing.complete else None
+
+
+def _prepare_store(out: Path, provenance: dict, ids: dict, cfg: BuildConfig) -> None:
+    """Create (or reopen) the store, and clear what a killed writer left, unless it is already complete."""
+    writer = StoreWriter.open_or_create(out, provenance, ids, overwrite=cfg.overwrite)
+    if not writer.provenance.get("complete"):
+        writer.remove_partial_files()
+        atomic_write_json(out / "build_config.json", cfg)
+
+
 def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
     """Encode every document and query of `cfg.dataset` into a store; only missing shards are encoded.
 
@@ -80,17 +94,9 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
 
     if not cfg.overwrite:
         wanted = {"source": "built", "weights_sha256": sha, "dataset files": files, "dtype": cfg.dtype, "layout": layout}
-        found = None  # rank 0 looks and every rank follows, so that no rank returns while the others wait
-        if w.main:
-            try:
-                existing = _existing(out, wanted)
-                found = ("complete", f"{existing.corpus.rows} docs, {existing.queries.rows} queries") if existing and existing.complete else None
-            except UserError as e:
-                found = ("refused", str(e))
-        if found := broadcast(w, found):
-            if found[0] == "refused":
-                raise UserError(found[1])
-            log(f"{out}: already complete ({found[1]}); nothing to do")
+        # rank 0 looks and every rank follows, so that no rank returns while the others wait
+        if done := on_main(w, lambda: _complete_summary(out, wanted)):
+            log(f"{out}: already complete ({done}); nothing to do")
             return open_store(out)
 
     from .encoder import embedding_dim, encoder_info, load_encoder, pick_device
@@ -108,19 +114,8 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
         "layout": layout,
     }
     with main_lock(out, "build", w):
-        refused = None
-        if w.main:  # the one writer of the store's metadata
-            try:
-                writer = StoreWriter.open_or_create(out, provenance, ids, overwrite=cfg.overwrite)
-                if not writer.provenance.get("complete"):
-                    writer.remove_partial_files()
-                    atomic_write_json(out / "build_config.json", cfg)
-            except UserError as e:
-                refused = str(e)
-        if refused := broadcast(w, refused):
-            raise UserError(refused)
-        if not w.main:
-            writer = StoreWriter(out)
+        on_main(w, lambda: _prepare_store(out, provenance, ids, cfg))  # rank 0: the one writer of the store's metadata
+        writer = StoreWriter(out)
         if writer.provenance.get("complete"):  # another build finished it while we loaded the model
             log(f"{out}: already complete; nothing to do")
             return open_store(out)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -147,27 +147,36 @@ def average_gradients(params: list[Tensor], w: World) -> None:
         offset += g.numel()
 
 
+def on_main(w: World, fn: Callable[[], Any]) -> Any:
+    """`fn()` on rank 0 only; its (picklable) result on every rank, and a failure as the same UserError everywhere.
+
+    Without torchrun this is just `fn()`. Under it, rank 0's failure must reach the others, or
+    they would wait for it in the next collective forever.
+    """
+    if not w.distributed:
+        return fn()
+    from .errors import UserError
+
+    outcome = None
+    if w.main:
+        try:
+            outcome = ("ok", fn())
+        except Exception as e:  # noqa: BLE001
+            outcome = ("error", str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
+    kind, value = broadcast(w, outcome)
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
 @contextmanager
 def main_lock(target, what: str, w: World) -> Iterator[None]:
-    """`files.exclusive_lock` taken by rank 0 for the whole job; a refusal reaches every rank as the same error."""
-    from .errors import UserError
+    """`files.exclusive_lock`, taken by rank 0 for the whole job; a refusal reaches every rank as the same error."""
     from .files import exclusive_lock
 
-    if not w.distributed:
-        with exclusive_lock(target, what):
-            yield
-        return
     lock = exclusive_lock(target, what) if w.main else nullcontext()
-    refused, held = None, False
+    on_main(w, lock.__enter__)
     try:
-        try:
-            lock.__enter__()
-            held = True
-        except Exception as e:  # noqa: BLE001  (any failure must reach the other ranks, or they wait forever)
-            refused = str(e) if isinstance(e, UserError) else f"{target}: {type(e).__name__}: {e}"
-        if refused := broadcast(w, refused):
-            raise UserError(refused)
         yield
     finally:
-        if held:
-            lock.__exit__(None, None, None)
+        lock.__exit__(None, None, None)

@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -143,11 +144,17 @@ def safe_extract(archive: zipfile.ZipFile, dest: str | os.PathLike) -> None:
     archive.extractall(dest)
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """An fsspec URL (s3://, gs://, https://, memory://, ...), also after `Path` folded its `//` to `/`.
+
+    Stores at such URLs are read, never written.
+    """
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", str(path)) is not None
+
+
 def check_writable(out: Path) -> None:
     """Refuse an --out that cannot be written before any work is done (its nearest existing folder decides)."""
-    if "://" in str(out) or str(out).startswith(("s3:", "gs:", "gcs:", "az:", "abfs:", "hf:")):
-        # Shard markers, locks and atomic renames need a POSIX filesystem; an fsspec URL would
-        # silently become a local folder named "s3:".
+    if is_url(out):  # markers, locks and atomic renames need a POSIX filesystem
         raise UserError(f"--out {out}: object-store URLs are not supported; use a local or shared (NFS, Lustre) folder, "
                         "then copy the finished store")
     ancestor = out.absolute()

@@ -48,7 +48,7 @@ from .heads import Heads, HeadsConfig, describe, save_heads
 from .models import DEFAULT_MODEL, resolve_model, weights_sha256
 from .store import Store, now_iso, open_store
 from .train import (DevSet, PairIndex, same_id_rows, build_criterion, build_heads, fit, load_pairs, mean_parts, resolve_config,
-                    store_record, train)
+                    store_record, train, with_width)
 
 STRATEGIES = ("full", "hybrid", "frozen-live")
 DEFAULT_LIVE_DIR = Path("runs/live")
@@ -506,7 +506,7 @@ def train_live(cfg: LiveConfig, log: Callable[[str], None] = print) -> LiveResul
     """
     cfg = resolve_live(cfg)
     store = open_store(cfg.train.store)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dim=cfg.train.output_dim or store.dim))
+    cfg = dataclasses.replace(cfg, train=with_width(cfg.train, store.dim))
     tcfg = cfg.train
     out = Path(tcfg.out) if tcfg.out else default_out(cfg, store.dataset_name)
     if (out / SUMMARY_FILE).exists() and not tcfg.overwrite:

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import UserError
-from .files import atomic_path, atomic_write_json, canonical_hash, sha256_bytes
+from .files import atomic_path, atomic_write_json, canonical_hash, is_url, sha256_bytes
 
 FORMAT = "jepa-cache/store"
 FORMAT_VERSION = 1
@@ -103,11 +103,6 @@ def _block_sha(block: np.ndarray) -> str:
 def _write_ids(path: Path, ids: Sequence[str]) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(pa.table({"id": pa.array(list(ids), pa.string())}), tmp)
-
-
-def is_url(path: str | os.PathLike) -> bool:
-    """An fsspec URL (s3://, gs://, https://, memory://, ...): such stores are read, never written."""
-    return "://" in str(path)
 
 
 def _join(base: str | Path, *parts: str) -> str | Path:

@@ -636,9 +636,14 @@ def default_out(cfg: TrainConfig, dataset: str) -> Path:
     return DEFAULT_HEADS_DIR / dataset / f"{cfg.preset}-{cfg.strategy}-s{cfg.seed}"
 
 
+def with_width(cfg: TrainConfig, input_dim: int) -> TrainConfig:
+    """`output_dim` 0 (`best`'s) is the encoder's width: resolved once the store is known, and recorded so."""
+    return cfg if cfg.output_dim else dataclasses.replace(cfg, output_dim=input_dim)
+
+
 def build_heads(cfg: TrainConfig, input_dim: int, init_vectors: Tensor | None) -> Heads:
-    fields = {k: getattr(cfg, k) for k in HEADS_FIELDS}
-    heads_cfg = HeadsConfig(input_dim=input_dim, **{**fields, "output_dim": cfg.output_dim or input_dim})  # 0: the encoder's width
+    cfg = with_width(cfg, input_dim)
+    heads_cfg = HeadsConfig(input_dim=input_dim, **{k: getattr(cfg, k) for k in HEADS_FIELDS})
     return Heads(heads_cfg, init_vectors if heads_cfg.init != "random" else None)
 
 
@@ -683,7 +688,11 @@ def _fit_once(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device
         torch.manual_seed(cfg.seed + w.rank)  # each rank's share of the batch gets its own dropout masks
     criterion = build_criterion(cfg)
     optimizer = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    mined = broadcast_tensor(w, mine_negatives(heads, source, index, cfg.mine_k)) if cfg.negatives == "mined" else None
+    mined = None
+    if cfg.negatives == "mined":  # rank 0 mines, the others receive: the same negatives everywhere
+        mined = (mine_negatives(heads, source, index, cfg.mine_k) if w.main
+                 else torch.empty(index.num_queries, cfg.mine_k, dtype=torch.int64, device=device))
+        broadcast_tensor(w, mined)
     initial = {k: v.detach().clone() for k, v in heads.state_dict().items()}
 
     def dev_score(h: Heads) -> float:  # the heads as they would be saved: interpolated
@@ -724,7 +733,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     if w.distributed and cfg.live:
         raise UserError("--live encodes every batch through the encoder: one process only (drop torchrun)")
     store = open_store(cfg.store)
-    cfg = dataclasses.replace(cfg, output_dim=cfg.output_dim or store.dim)  # recorded as the width it is
+    cfg = with_width(cfg, store.dim)
     pairs = load_pairs(cfg, store)
     out = Path(cfg.out) if cfg.out else default_out(cfg, store.dataset_name)
     if (out / META_FILE).exists() and not cfg.overwrite:

@@ -86,6 +86,7 @@ def test_a_refusal_on_rank_0_reaches_every_rank(data, tiny_model, tmp_path):
 
 @pytest.mark.parametrize("preset,extra", [
     ("best", ["--epochs", "2"]),  # corpus negatives, dev slice and refit
+    ("best", ["--epochs", "1", "--negatives", "mined", "--mine-k", "3"]),  # negatives mined on rank 0, sent to the others
     ("jepa", ["--dropout", "0", "--output-dim", "16", "--batch-size", "7"]),  # predictor, in-batch negatives, uneven shares
 ])
 def test_two_rank_train_heads_equals_one_process_on_the_same_global_batch(data, tiny_model, tmp_path, preset, extra):
