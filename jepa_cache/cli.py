@@ -117,6 +117,7 @@ def eval_cmd(
     model: str = typer.Option(DEFAULT_MODEL, "--model", help="Encoder whose default store to use."),
     data_dir: Optional[Path] = DataDirOpt,
     heads: Optional[Path] = typer.Option(None, "--heads", help="Trained heads; without them the base vectors are scored (vanilla)."),
+    corrections: Optional[Path] = typer.Option(None, "--corrections", help="Per-document corrections folder (default: the heads' folder when it holds some); applied only to the store they were made for."),
     query_tower: Optional[str] = typer.Option(None, "--query-tower", help="vanilla | projection | predictor (default: vanilla, predictor with --heads)."),
     similarity: Optional[str] = typer.Option(None, "--similarity", help="cos | l2 (default: cos, or the heads' own)."),
     index: str = typer.Option("faiss", "--index", help="faiss, or torch (exact matmul, a cross-check)."),
@@ -136,6 +137,7 @@ def eval_cmd(
 
     results = evaluate(EvalConfig(datasets=dataset, split=split, store=str(store) if store else None, model=model,
                                   data_dir=str(data_dir) if data_dir else None, heads=str(heads) if heads else None,
+                                  corrections=str(corrections) if corrections else None,
                                   query_tower=query_tower, similarity=similarity, index=index, faiss_index=faiss_index,
                                   faiss_params=faiss_params, k=k, strict=strict, out=str(out) if out else None,
                                   block_rows=block_rows, device=device), log=typer.echo)

@@ -56,6 +56,7 @@ class EvalConfig:
     model: str = DEFAULT_MODEL  # picks the default store path
     data_dir: str | None = None
     heads: str | None = None
+    corrections: str | None = None  # per-document corrections folder; default: the heads' folder when it holds some
     query_tower: str | None = None  # vanilla | projection | predictor; default: vanilla, or predictor with heads
     similarity: str | None = None  # cos | l2; default: cos, or the heads' own
     index: str = "faiss"  # faiss | torch (exact, blockwise matmul)

@@ -23,6 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .adapt import FILE_JSON as CORRECTIONS_FILE
+from .adapt import Corrections, apply_to_block
+from .adapt import find as find_corrections
 from .config import EvalConfig
 from .datasets import BeirDataset, find_dataset, read_qrels
 from .errors import UserError
@@ -121,6 +124,7 @@ class _Prepared:
     no_vector: list[str]
     absent: list[tuple[str, str]]  # (query, document) qrels whose document is not in the corpus
     seconds: float
+    corrections: tuple[np.ndarray, np.ndarray] | None  # (corpus rows, their vectors) when made for this store
 
 
 def _check_index(spec: str, dim: int, similarity: str) -> None:
@@ -135,7 +139,8 @@ def _check_index(spec: str, dim: int, similarity: str) -> None:
         raise UserError(f"--faiss-index {spec!r}: not a FAISS index factory string ({reason}); e.g. Flat, HNSW32, IVF1024,Flat") from None
 
 
-def _prepare(dataset: BeirDataset, cfg: EvalConfig, heads: Any, similarity: str, log: Callable[[str], None]) -> _Prepared:
+def _prepare(dataset: BeirDataset, cfg: EvalConfig, heads: Any, corrections: Any, similarity: str,
+             log: Callable[[str], None]) -> _Prepared:
     """Read the qrels, open and check the store, count what the qrels name that is not there (warned; --strict refuses)."""
     t0 = time.perf_counter()
     name = dataset.name
@@ -166,7 +171,20 @@ def _prepare(dataset: BeirDataset, cfg: EvalConfig, heads: Any, similarity: str,
     dim = getattr(heads.config, "output_dim", None) if heads is not None else store.dim
     if cfg.index == "faiss" and cfg.faiss_index not in EXACT and dim:
         _check_index(cfg.faiss_index, dim, similarity)
-    return _Prepared(dataset, qrels, store, with_vector, no_vector, absent, time.perf_counter() - t0)
+    return _Prepared(dataset, qrels, store, with_vector, no_vector, absent, time.perf_counter() - t0,
+                     _corrections_for(store, corrections, heads, log))
+
+
+def _corrections_for(store: Store, corrections: Any, heads: Any, log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The corrections' (rows, vectors) when they were made for this store and these heads; None elsewhere (heads alone)."""
+    if corrections is None:
+        return None
+    if corrections.store_fingerprint != store.fingerprint:
+        log(f"{store.dataset_name}: corrections belong to another store; the heads apply alone")
+        return None
+    if corrections.heads_fingerprint != (heads.fingerprint if heads is not None else None):
+        raise UserError("--corrections were made in the space of other heads; pass the heads they were trained with")
+    return corrections.rows_in(store.corpus.row_of), corrections.vectors
 
 
 def _evaluate_one(prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, similarity: str, out: Path, tag: str,
@@ -184,8 +202,9 @@ def _evaluate_one(prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, simi
 
     def blocks() -> Iterator[np.ndarray]:
         # read as stored (float16 by default): the float32 copy is made by the search, one block at a time
-        for _, block in store.corpus.iter_blocks(block_rows, dtype=store.corpus.array.dtype):
-            yield _apply(heads.encode_documents, block) if heads is not None else block
+        for start, block in store.corpus.iter_blocks(block_rows, dtype=store.corpus.array.dtype):
+            block = _apply(heads.encode_documents, block) if heads is not None else block
+            yield apply_to_block(block, start, *prep.corrections) if prep.corrections is not None else block
 
     in_memory = store.corpus.rows <= block_rows  # fits: read (and project) once, reuse for the exact reference
     corpus = next(blocks(), np.zeros((0, store.dim), np.float32)) if in_memory else None
@@ -223,6 +242,7 @@ def _evaluate_one(prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, simi
             "docs": store.corpus.rows,
         },
         "metrics": mean,
+        "corrections_applied": 0 if prep.corrections is None else len(prep.corrections[0]),
         "queries": {"judged": len(qrels), "searched": len(with_vector), "without_vector": len(no_vector)},
         "qrels": {"pairs": sum(len(d) for d in qrels.values()), "absent_docs": len(absent), "absent_examples": [d for _, d in absent[:10]]},
         "search": {"backend": hits.backend, "index": spec, "params": cfg.faiss_params, "k": cfg.k, "similarity": similarity,
@@ -272,7 +292,13 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, heads: Any = N
     if heads is None and cfg.heads:
         heads = _load_heads(cfg.heads)
     tower, similarity = _validate(cfg, heads)
+    folder = find_corrections(cfg.corrections or cfg.heads)
+    if cfg.corrections and folder is None:
+        raise UserError(f"--corrections {cfg.corrections}: no {CORRECTIONS_FILE} there")
+    corrections = Corrections.load(folder) if folder is not None else None
     variant = "vanilla" if heads is None else f"{tower}-{heads.fingerprint[:8]}"
+    if corrections is not None:
+        variant += f"+{corrections.method}-{corrections.store_fingerprint[:8]}"
     index_tag = "torch" if cfg.index == "torch" else re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.faiss_index)
     out = Path(cfg.out) if cfg.out else DEFAULT_RUNS_DIR / f"{'+'.join(d.name for d in datasets)}-{cfg.split}-{variant}-{similarity}-{index_tag}"
     results: dict = {
@@ -282,12 +308,14 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, heads: Any = N
         "similarity": similarity,
         "heads": None if heads is None else {"path": cfg.heads, "fingerprint": heads.fingerprint,
                                             "encoder_fingerprint": heads.encoder_fingerprint, "similarity": heads.similarity},
+        "corrections": None if corrections is None else {"path": str(folder), "method": corrections.method, "gamma": corrections.gamma,
+                                                         "documents": len(corrections.doc_ids), "store_fingerprint": corrections.store_fingerprint},
         "created": now_iso(),
         "versions": package_versions(),
         "datasets": {},
     }
     check_writable(out)
-    prepared = [_prepare(dataset, cfg, heads, similarity, log) for dataset in datasets]  # every refusal before any write
+    prepared = [_prepare(dataset, cfg, heads, corrections, similarity, log) for dataset in datasets]  # every refusal before any write
     with exclusive_lock(out, "eval"):
         written: list[Path] = [] if out.exists() else [out]
         (out / "results.json").unlink(missing_ok=True)  # a stale one must never describe the files this run replaces

@@ -1,0 +1,167 @@
+"""NUDGE-M and NUDGE-N (Zeighami et al., ICLR 2025): per-document corrections in closed form.
+
+Each labelled document moves toward the sum g_d of the training queries that judged it relevant;
+one step size γ is chosen on held-out queries. Vectorised re-implementation of `nudge-ft` 0.1.2
+(tests compare against it): only labelled rows change, so the corpus is read once, block by block,
+to find each held-out query's best unlabelled score, and every γ is then tried on labelled rows only.
+
+Shape: corpus [n_docs, d] unit rows; queries [n_q, d]; answers: per query, the corpus rows it judged relevant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+NUDGE_N_GAMMAS = tuple(0.02 * i for i in range(25))  # nudge-ft's grid for NUDGE-N
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length; a zero row stays zero (as torch's `normalize`, eps 1e-12)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def query_sums(queries: np.ndarray, answers: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, g): the corpus rows some query judged relevant (sorted) and, per row, the sum of those queries.
+
+    A query that lists a document twice counts twice, as in nudge-ft.
+    """
+    q_idx = np.repeat(np.arange(len(answers)), [len(a) for a in answers])
+    d_idx = np.fromiter((d for a in answers for d in a), dtype=np.int64, count=len(q_idx))
+    rows, slot = np.unique(d_idx, return_inverse=True)
+    g = np.zeros((len(rows), queries.shape[1]), dtype=np.float64)
+    np.add.at(g, slot, queries[q_idx].astype(np.float64))
+    return rows, g.astype(queries.dtype)
+
+
+def nudge_m(docs: np.ndarray, g: np.ndarray, gamma: float) -> np.ndarray:
+    """NUDGE-M: d + γ·g/‖g‖ (not renormalised: score with the inner product)."""
+    return docs + gamma * unit(g)
+
+
+def nudge_n(docs: np.ndarray, g: np.ndarray, gamma: float) -> np.ndarray:
+    """NUDGE-N: the point on the unit sphere within ‖Δ‖² ≤ γ of d that maximises g·(d + Δ).
+
+    A document already within the step of ĝ becomes ĝ; one with g·d < 0 (or g parallel to d) stays.
+    """
+    if gamma == 0:
+        return docs.copy()
+    v = (g * docs).sum(axis=1)
+    c = (g * g).sum(axis=1)
+    perp = np.sqrt(np.maximum(c - v * v, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu = v + np.sqrt(gamma / (4 - gamma)) * perp
+        delta = gamma * (g - mu[:, None] * docs) / (2 * (mu - v))[:, None]
+    still = (c - v * v == 0) | (v < 0)
+    delta[still] = 0
+    out = docs + delta
+    g_hat = unit(g)
+    snap = (docs * g_hat).sum(axis=1) >= 1 - gamma / 2
+    out[snap] = g_hat[snap]
+    return out
+
+
+@dataclass
+class Held:
+    """Held-out queries for choosing γ, with what does not depend on γ: the unlabelled rows' scores.
+
+    Shape: queries [n, d]; top_scores, top_rows [n, k]: each query's k best unlabelled rows;
+    answers: per query, its relevant corpus rows; answer_scores: per query, {unlabelled answer row: score}.
+    """
+
+    queries: np.ndarray
+    answers: list[list[int]]
+    top_scores: np.ndarray
+    top_rows: np.ndarray
+    answer_scores: list[dict[int, float]]
+
+    @classmethod
+    def build(cls, queries: np.ndarray, answers: Sequence[Sequence[int]], blocks: Iterable[np.ndarray],
+              labelled: np.ndarray, k: int = 2) -> "Held":
+        """One pass over the corpus `blocks` (row order): the k best unlabelled rows of every query."""
+        n = len(queries)
+        top_s = np.full((n, k), -np.inf, dtype=np.float32)
+        top_r = np.full((n, k), -1, dtype=np.int64)
+        answers = [list(a) for a in answers]
+        is_labelled = set(int(r) for r in labelled)
+        wanted = [{a for a in ans if a not in is_labelled} for ans in answers]
+        answer_scores: list[dict[int, float]] = [{} for _ in range(n)]
+        start = 0
+        for block in blocks:
+            s = queries @ block.T
+            for i, rows in enumerate(wanted):
+                for a in rows:
+                    if start <= a < start + len(block):
+                        answer_scores[i][a] = float(s[i, a - start])
+            own = labelled[(labelled >= start) & (labelled < start + len(block))] - start
+            s[:, own] = -np.inf
+            both_s = np.concatenate([top_s, s], axis=1)
+            both_r = np.concatenate([top_r, np.broadcast_to(np.arange(start, start + len(block)), s.shape)], axis=1)
+            order = np.argsort(-both_s, axis=1, kind="stable")[:, :k]
+            top_s, top_r = np.take_along_axis(both_s, order, 1), np.take_along_axis(both_r, order, 1)
+            start += len(block)
+        return cls(queries, answers, top_s, top_r, answer_scores)
+
+
+def choose_gamma_n(held: Held, rows: np.ndarray, docs: np.ndarray, g: np.ndarray, gammas: Sequence[float] = NUDGE_N_GAMMAS,
+                   k: int = 1) -> float:
+    """nudge-ft's choice for NUDGE-N: the first γ with the best top-k accuracy of the held-out queries.
+
+    Candidates are the labelled rows (which move with γ) and each query's k best unlabelled rows (which do not).
+    """
+    if held.top_rows.shape[1] < k:
+        raise ValueError(f"held-out set keeps {held.top_rows.shape[1]} unlabelled rows per query; top-{k} needs {k}")
+    slot = {int(r): i for i, r in enumerate(rows)}
+    truth = np.zeros((len(held.queries), len(rows) + k), dtype=bool)
+    for i, answers in enumerate(held.answers):
+        truth[i, [slot[a] for a in answers if a in slot]] = True
+        truth[i, len(rows):] = np.isin(held.top_rows[i, :k], answers)
+    n_labels = np.array([len(set(a)) for a in held.answers], dtype=np.float64)
+    best_gamma, best_acc = 0.0, -1.0
+    for gamma in gammas:
+        scores = np.concatenate([held.queries @ nudge_n(docs, g, gamma).T, held.top_scores[:, :k]], axis=1)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        hits = np.take_along_axis(truth, top, axis=1).sum(axis=1)
+        acc = float((hits / np.minimum(n_labels, k)).sum() / len(top))
+        if acc > best_acc:
+            best_gamma, best_acc = float(gamma), acc
+    return best_gamma
+
+
+def choose_gamma_m(held: Held, rows: np.ndarray, docs: np.ndarray, g: np.ndarray) -> float:
+    """nudge-ft's choice for NUDGE-M: the γ inside the most held-out (query, answer) intervals where the answer ranks first."""
+    slot = {int(r): i for i, r in enumerate(rows)}
+    g_hat = unit(g)
+    lows, highs = [], []
+    for i, answers in enumerate(held.answers):
+        s_lab = held.queries[i].astype(np.float64) @ docs.T.astype(np.float64)
+        m_lab = -(held.queries[i].astype(np.float64) @ g_hat.T.astype(np.float64))  # nudge-ft's sign: its update is d - γ·(-ĝ)
+        for a in answers:
+            if a in slot:  # a labelled answer against every labelled row and the best unlabelled one
+                s = np.append(s_lab, held.top_scores[i, 0])
+                m, j = np.append(m_lab, 0.0), slot[a]
+            else:  # an unlabelled answer (which never moves) against the best unlabelled row that is not itself
+                other = held.top_scores[i, 1] if held.top_rows[i, 0] == a else held.top_scores[i, 0]
+                s = np.append(s_lab, [other, held.answer_scores[i][a]])
+                m, j = np.append(m_lab, [0.0, 0.0]), len(s_lab) + 1
+            s_dif, g_dif = s - s[j], m - m[j]
+            with np.errstate(divide="ignore", invalid="ignore"):  # exact, so that two answers' crossings coincide
+                alphas = s_dif / g_dif
+            low = max(float(np.max(np.where(g_dif > 0, alphas, 0.0))), 0.0)
+            high = float(np.min(np.where(g_dif < 0, alphas, np.inf)))
+            if np.any(s_dif[g_dif == 0] > 0) or high < low:
+                continue
+            lows.append(low)
+            highs.append(high)
+    return _most_covered(np.array(lows), np.array(highs))
+
+
+def _most_covered(lows: np.ndarray, highs: np.ndarray) -> float:
+    """The lowest γ inside the most closed intervals [low, high] (0 when there are none), as nudge-ft's sweep finds it."""
+    if len(lows) == 0:
+        return 0.0
+    points = np.sort(lows)
+    inside = np.searchsorted(points, points, side="right") - np.searchsorted(np.sort(highs), points, side="left")
+    return float(points[int(np.argmax(inside))])

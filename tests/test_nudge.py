@@ -1,0 +1,105 @@
+"""NUDGE-M / NUDGE-N against the peer package `nudge-ft` itself, and corrections through eval."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+
+from jepa_cache import adapt, nudge
+from jepa_cache.config import EvalConfig
+from jepa_cache.evaluate import evaluate
+
+
+def _case(seed: int, n: int = 300, d: int = 16):
+    """Documents, and queries that sit near a hidden per-document direction (so nudging helps)."""
+    rng = np.random.default_rng(seed)
+    docs = rng.normal(size=(n, d)).astype(np.float32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    hidden = rng.normal(size=(n, d)).astype(np.float32)
+
+    def queries(m):
+        answers = [[int(a) for a in rng.choice(40, size=rng.integers(1, 3), replace=False)] for _ in range(m)]
+        q = np.stack([0.3 * docs[a].mean(0) + hidden[a].mean(0) + 0.3 * rng.normal(size=d) for a in answers]).astype(np.float32)
+        return q / np.linalg.norm(q, axis=1, keepdims=True), answers
+
+    return docs, queries(80), queries(30)
+
+
+def _ours(method, docs, train, val, block=64):
+    rows, g = nudge.query_sums(*train)
+    held = nudge.Held.build(val[0], val[1], [docs[i:i + block] for i in range(0, len(docs), block)], rows)
+    pick, move = (nudge.choose_gamma_n, nudge.nudge_n) if method == "n" else (nudge.choose_gamma_m, nudge.nudge_m)
+    gamma = pick(held, rows, docs[rows], g)
+    out = docs.copy()
+    out[rows] = move(docs[rows], g, gamma)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("method", ["n", "m"])
+def test_matches_nudge_ft(method, seed):
+    torch = pytest.importorskip("torch")
+    peer = pytest.importorskip("nudge")  # nudge-ft, a test-only dependency
+    docs, train, val = _case(seed)
+    cls = peer.NUDGEN if method == "n" else peer.NUDGEM
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints its progress
+        want = cls(device=torch.device("cpu")).finetune_embeddings(
+            docs, {"q_embs": train[0], "q_ans_indx": train[1]}, {"q_embs": val[0], "q_ans_indx": val[1]})
+    got = _ours(method, docs, train, val)
+    assert np.abs(want - docs).max() > 0.1  # the case really moves documents
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_nudge_n_stays_on_the_sphere_within_its_step():
+    docs, train, _ = _case(0)
+    rows, g = nudge.query_sums(*train)
+    for gamma in (0.1, 0.4, 1.0):
+        moved = nudge.nudge_n(docs[rows], g, gamma)
+        np.testing.assert_allclose(np.linalg.norm(moved, axis=1), 1, atol=1e-5)
+        assert (((moved - docs[rows]) ** 2).sum(1) <= gamma + 1e-5).all()
+        assert ((moved * g).sum(1) >= (docs[rows] * g).sum(1) - 1e-6).all()  # never further from its queries
+
+
+def test_query_sums_against_a_loop():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(5, 3)).astype(np.float32)
+    answers = [[2, 7], [7], [], [0, 2, 2], [7]]
+    rows, g = nudge.query_sums(q, answers)
+    assert rows.tolist() == [0, 2, 7]
+    want = {0: q[3], 2: q[0] + 2 * q[3], 7: q[0] + q[1] + q[4]}
+    for r, v in zip(rows, g):
+        np.testing.assert_allclose(v, want[int(r)], rtol=1e-6)
+
+
+def test_corrections_apply_only_to_their_store(tmp_path, synthetic_store):
+    """eval with corrections equals a store holding the corrected vectors; another store is untouched."""
+    rng = np.random.default_rng(0)
+    docs = rng.normal(size=(50, 8)).astype(np.float32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    queries = rng.normal(size=(10, 8)).astype(np.float32)
+    root = tmp_path / "beir" / "synthetic"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text("".join(f'{{"_id": "d{i}", "text": "x"}}\n' for i in range(50)))
+    (root / "queries.jsonl").write_text("".join(f'{{"_id": "q{i}", "text": "x"}}\n' for i in range(10)))
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{3 * i}\t1\n" for i in range(10)))
+    store = synthetic_store(docs, queries, shard_rows=16)
+    moved = nudge.unit(queries[:5])  # documents d0, d3, ..., d12 moved onto their queries: those 5 become hits at rank 1
+    corr = adapt.Corrections([f"d{3 * i}" for i in range(5)], moved, "nudge-n", 0.5, store.fingerprint, None, 5)
+    corr.save(tmp_path / "corr")
+    fixed = docs.copy()
+    fixed[[0, 3, 6, 9, 12]] = moved
+    reference = synthetic_store(fixed, queries, shard_rows=16)
+
+    def run(s, name, **kw):
+        cfg = EvalConfig(datasets=[str(root)], store=str(s.path), k=10, out=str(tmp_path / name), block_rows=7, **kw)
+        return evaluate(cfg, log=lambda m: None)["datasets"]["synthetic"]
+
+    with_corr = run(store, "a", corrections=str(tmp_path / "corr"))
+    assert with_corr["corrections_applied"] == 5
+    assert with_corr["metrics"] == run(reference, "b")["metrics"]
+    assert with_corr["metrics"]["mrr@10"] >= 0.5
+    other = run(reference, "c", corrections=str(tmp_path / "corr"))  # another store: corrections not applied
+    assert other["corrections_applied"] == 0
