@@ -1,29 +1,24 @@
-"""Document-side adaptation: per-document corrections of one store's corpus, in the heads' space.
+"""Document-side adaptation: make per-document corrections of a store's corpus in the heads' space.
 
 A head is one map for every text; a correction moves one labelled document toward the training
-queries that judged it relevant (NUDGE, see nudge.py), which a map cannot do. Corrections belong
-to one store (its fingerprint) and one heads (theirs, or none): eval applies them only there, and
-on any other store the heads apply alone. Saved as `corrections.safetensors` + `corrections.json`.
+queries that judged it relevant (NUDGE, nudge.py), which a map cannot do. The step γ is chosen on
+held-out training queries by a fixed rule, then the corrections are refit on all of them.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from . import nudge
+from .corrections import Corrections
 from .errors import UserError
-from .files import atomic_path, atomic_write_json
 from .metrics import score
 
 METHODS = ("nudge-n", "nudge-m")
 RULES = ("ndcg", "nudge-ft")
-FILE_JSON, FILE_WEIGHTS = "corrections.json", "corrections.safetensors"
 NDCG_GAMMAS = tuple(round(0.02 * i, 2) for i in range(51))  # NUDGE-N's step, ‖Δ‖² ≤ γ, from 0 to 1
 
 
@@ -66,72 +61,6 @@ class Labelled:
     ids: list[str]
 
 
-@dataclass
-class Corrections:
-    """Replacement vectors for some corpus rows (by document id), in the space the heads give documents."""
-
-    doc_ids: list[str]
-    vectors: np.ndarray  # [len(doc_ids), d] float32
-    method: str
-    gamma: float
-    store_fingerprint: str
-    heads_fingerprint: str | None
-    labelled_queries: int
-    record: dict = field(default_factory=dict)  # how gamma was chosen
-
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Weights first, then the JSON that names them (each atomically): a JSON that exists describes whole weights."""
-        from safetensors.numpy import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / FILE_JSON).unlink(missing_ok=True)
-        with atomic_path(folder / FILE_WEIGHTS) as tmp:
-            save_file({"vectors": np.ascontiguousarray(self.vectors, dtype=np.float32)}, str(tmp))
-        meta = {k: v for k, v in asdict(self).items() if k != "vectors"}
-        atomic_write_json(folder / FILE_JSON, meta)
-        return folder / FILE_JSON
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike) -> "Corrections":
-        from safetensors.numpy import load_file
-
-        folder = Path(folder)
-        try:
-            meta = json.loads((folder / FILE_JSON).read_text())
-            vectors = load_file(str(folder / FILE_WEIGHTS))["vectors"]
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"{folder}: unreadable corrections ({e}); run train-heads or adapt again") from None
-        if len(meta.get("doc_ids", [])) != len(vectors):
-            raise UserError(f"{folder / FILE_JSON}: names {len(meta.get('doc_ids', []))} documents for {len(vectors)} vectors")
-        return cls(vectors=vectors, **meta)
-
-    def rows_in(self, row_of: dict[str, int]) -> np.ndarray:
-        missing = [d for d in self.doc_ids if d not in row_of]
-        if missing:
-            raise UserError(f"corrections name {len(missing)} documents absent from the store (e.g. {missing[0]!r})")
-        return np.array([row_of[d] for d in self.doc_ids], dtype=np.int64)
-
-
-def find(folder: str | os.PathLike | None) -> Path | None:
-    """The corrections folder beside heads (or given directly), if it holds corrections."""
-    if folder is None:
-        return None
-    folder = Path(folder)
-    folder = folder if folder.is_dir() else folder.parent
-    return folder if (folder / FILE_JSON).is_file() else None
-
-
-def apply_to_block(block: np.ndarray, start: int, rows: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """`block` (corpus rows start.. start+len) with the corrected rows replaced; the input is left alone."""
-    inside = (rows >= start) & (rows < start + len(block))
-    if not inside.any():
-        return block
-    out = np.array(block, dtype=np.float32, copy=True)
-    out[rows[inside] - start] = vectors[inside]
-    return out
-
-
 def _fit(corpus: np.ndarray, fit: Labelled, method: str, gamma: float) -> tuple[np.ndarray, np.ndarray]:
     rows, g = nudge.query_sums(fit.vectors, fit.answers)
     docs = nudge.unit(corpus[rows])
@@ -141,9 +70,11 @@ def _fit(corpus: np.ndarray, fit: Labelled, method: str, gamma: float) -> tuple[
 def dev_ndcg(corpus_ids: Sequence[str], held: nudge.Held, dev: Labelled, rows: np.ndarray, moved: np.ndarray) -> float:
     """NDCG@10 of the held-out queries when `rows` hold `moved` and every other row keeps its vector."""
     s = dev.vectors @ moved.T
+    keep = min(11, s.shape[1])
+    top = np.argpartition(-s, keep - 1, axis=1)[:, :keep] if keep < s.shape[1] else np.broadcast_to(np.arange(s.shape[1]), s.shape)
     qrels, run = {}, {}
     for i, qid in enumerate(dev.ids):
-        cand = {corpus_ids[r]: float(x) for r, x in zip(rows, s[i])}
+        cand = {corpus_ids[rows[j]]: float(s[i, j]) for j in top[i]}
         cand.update({corpus_ids[r]: float(x) for r, x in zip(held.top_rows[i], held.top_scores[i]) if r >= 0})
         cand.pop(qid, None)
         run[qid] = dict(sorted(cand.items(), key=lambda kv: (-kv[1], kv[0]))[:10])

@@ -23,9 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .adapt import FILE_JSON as CORRECTIONS_FILE
-from .adapt import Corrections, apply_to_block
-from .adapt import find as find_corrections
+from .corrections import FILE_JSON as CORRECTIONS_FILE
+from .corrections import Corrections, apply_to_block
+from .corrections import find as find_corrections
 from .config import EvalConfig
 from .datasets import BeirDataset, find_dataset, read_qrels
 from .errors import UserError

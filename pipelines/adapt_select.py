@@ -111,6 +111,10 @@ def select() -> dict:
         corpus_ids = store.corpus.ids
         for hname, overrides in HEADS.items():
             for seed in SEEDS if overrides is not None else (0,):
+                done = OUT / "rows" / name / f"{hname}-s{seed}.json"
+                if done.is_file():
+                    results.setdefault(name, {}).setdefault(hname, {})[seed] = json.loads(done.read_text())
+                    continue
                 t0 = time.perf_counter()
                 heads = None if overrides is None else train_heads(name, seed, overrides, False, OUT / "heads" / name / f"{hname}-s{seed}")
                 docs_space, query_space = spaces(heads)
@@ -128,6 +132,8 @@ def select() -> dict:
                                                                          nudge.nudge_n(nudge.unit(corpus[rows]), g, gamma))}
                 row["seconds"] = time.perf_counter() - t0
                 results.setdefault(name, {}).setdefault(hname, {})[seed] = row
+                done.parent.mkdir(parents=True, exist_ok=True)
+                done.write_text(json.dumps(row))
                 print(name, hname, seed, json.dumps(row), flush=True)
     results["vanilla_probes"] = {o: probe_ndcg(o, None) for o in ZERO_SHOT if o in {x for v in OTHERS.values() for x in v}}
     results["choice"] = choose(results)

@@ -8,7 +8,8 @@ import io
 import numpy as np
 import pytest
 
-from jepa_cache import adapt, nudge
+from jepa_cache import nudge
+from jepa_cache.corrections import Corrections
 from jepa_cache.config import EvalConfig
 from jepa_cache.evaluate import evaluate
 
@@ -87,7 +88,7 @@ def test_corrections_apply_only_to_their_store(tmp_path, synthetic_store):
     (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{3 * i}\t1\n" for i in range(10)))
     store = synthetic_store(docs, queries, shard_rows=16)
     moved = nudge.unit(queries[:5])  # documents d0, d3, ..., d12 moved onto their queries: those 5 become hits at rank 1
-    corr = adapt.Corrections([f"d{3 * i}" for i in range(5)], moved, "nudge-n", 0.5, store.fingerprint, None, 5)
+    corr = Corrections([f"d{3 * i}" for i in range(5)], moved, "nudge-n", 0.5, store.fingerprint, None, 5)
     corr.save(tmp_path / "corr")
     fixed = docs.copy()
     fixed[[0, 3, 6, 9, 12]] = moved
