@@ -16,6 +16,8 @@ from . import nudge
 from .corrections import Corrections
 from .errors import UserError
 from .metrics import score
+from .pairs import DEV_SEED, Pairs
+from .store import Store
 
 METHODS = ("nudge-n", "nudge-m")
 RULES = ("ndcg", "nudge-ft")
@@ -33,6 +35,7 @@ class AdaptConfig:
 
     method: str = "nudge-n"
     rule: str = "ndcg"
+    power: float = 0.0  # each query weighs |its relevant documents|^-power in a document's target (0: nudge-ft's sum)
     gammas: tuple[float, ...] = NDCG_GAMMAS
 
     def validate(self) -> "AdaptConfig":
@@ -42,6 +45,8 @@ class AdaptConfig:
             raise UserError(f"--adapt-rule {self.rule!r}: choose one of {', '.join(RULES)}")
         if self.method == "nudge-m" and self.rule == "ndcg":
             raise UserError("--adapt nudge-m scores by inner product, which eval's cosine index would undo; use nudge-n")
+        if self.power < 0:
+            raise UserError(f"--adapt-power {self.power}: must be >= 0")
         return self
 
     @property
@@ -61,8 +66,8 @@ class Labelled:
     ids: list[str]
 
 
-def _fit(corpus: np.ndarray, fit: Labelled, method: str, gamma: float) -> tuple[np.ndarray, np.ndarray]:
-    rows, g = nudge.query_sums(fit.vectors, fit.answers)
+def _fit(corpus: np.ndarray, fit: Labelled, method: str, gamma: float, power: float) -> tuple[np.ndarray, np.ndarray]:
+    rows, g = nudge.query_sums(fit.vectors, fit.answers, power)
     docs = nudge.unit(corpus[rows])
     return rows, (nudge.nudge_n if method == "nudge-n" else nudge.nudge_m)(docs, g, gamma).astype(np.float32)
 
@@ -88,7 +93,7 @@ def choose_gamma(cfg: AdaptConfig, corpus: np.ndarray, corpus_ids: Sequence[str]
 
     `corpus` [n, d] unit rows in the heads' space; `blocks` re-reads it block by block (default: one block).
     """
-    rows, g = nudge.query_sums(fit.vectors, fit.answers)
+    rows, g = nudge.query_sums(fit.vectors, fit.answers, cfg.power)
     docs = nudge.unit(corpus[rows])
     held = nudge.Held.build(dev.vectors, dev.answers, (blocks or (lambda: [corpus]))(), rows, k=11)
     if cfg.rule == "nudge-ft":
@@ -104,6 +109,56 @@ def choose_gamma(cfg: AdaptConfig, corpus: np.ndarray, corpus_ids: Sequence[str]
 def make_corrections(cfg: AdaptConfig, corpus: np.ndarray, corpus_ids: Sequence[str], labelled: Labelled, gamma: float,
                      store_fingerprint: str, heads_fingerprint: str | None, record: dict) -> Corrections:
     """NUDGE with step γ from `labelled`'s judgements: one vector for every document some query judged relevant."""
-    rows, vectors = _fit(corpus, labelled, cfg.method, gamma)
+    rows, vectors = _fit(corpus, labelled, cfg.method, gamma, cfg.power)
     return Corrections([corpus_ids[r] for r in rows], vectors, cfg.method, float(gamma), store_fingerprint, heads_fingerprint,
                        len(labelled.ids), record)
+
+
+def labelled(store: Store, pairs: Pairs, to_space: Callable[[np.ndarray], np.ndarray]) -> Labelled:
+    """The pairs' queries (in the heads' space, unit rows) with the corpus rows each judged relevant."""
+    by_query: dict[int, list[int]] = {}
+    for q, d in zip(pairs.query_rows.tolist(), pairs.doc_rows.tolist()):
+        by_query.setdefault(q, []).append(d)
+    rows = np.fromiter(by_query, dtype=np.int64, count=len(by_query))
+    ids = store.queries.ids
+    return Labelled(nudge.unit(to_space(store.queries.vectors(np.float32, rows))), list(by_query.values()), [ids[r] for r in rows])
+
+
+def _space(heads, side: str) -> Callable[[np.ndarray], np.ndarray]:
+    """numpy in, numpy out through the heads' document or query tower (identity without heads)."""
+    if heads is None:
+        return lambda x: x
+    import torch
+
+    fn = heads.encode_documents if side == "documents" else heads.encode_queries
+    return lambda x: fn(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float().cpu().numpy()
+
+
+def corpus_in(store: Store, heads, block_rows: int = 65536) -> np.ndarray:
+    """The whole corpus in the heads' document space, unit rows [n_docs, d] float32 (read block by block)."""
+    to_space = _space(heads, "documents")
+    return np.concatenate([nudge.unit(to_space(b)) for _, b in store.corpus.iter_blocks(block_rows)], axis=0)
+
+
+def adapt_store(cfg: AdaptConfig, store: Store, pairs: Pairs, choose_with, final_heads, dev_seed: int = DEV_SEED,
+                dev_fraction: float = 0.2, log: Callable[[str], None] = print) -> Corrections:
+    """Corrections for `final_heads` (None: the base vectors) on `store`, γ chosen on a held-out slice of `pairs`.
+
+    `choose_with`: the heads in whose space γ is chosen, trained without the held-out queries (None: no heads).
+    The rule `ndcg` then refits on every pair; `nudge-ft` keeps the corrections of the fitting slice, as published.
+    """
+    fit_pairs, dev_pairs = pairs.hold_out(dev_fraction, dev_seed)
+    corpus = corpus_in(store, choose_with)
+    fit, dev = (labelled(store, p, _space(choose_with, "queries")) for p in (fit_pairs, dev_pairs))
+    gamma, record = choose_gamma(cfg, corpus, store.corpus.ids, fit, dev)
+    record.update(dev_seed=dev_seed, dev_fraction=dev_fraction, refit=cfg.refit)
+    log(f"{cfg.method}: γ {gamma:g} chosen on {len(dev.ids):,} held-out queries ({cfg.rule})"
+        + (f", dev NDCG@10 {record['dev_ndcg@10']:.4f} (γ 0: {record['vanilla_dev_ndcg@10']:.4f})" if cfg.rule == "ndcg" else ""))
+    if cfg.refit or final_heads is not choose_with:
+        corpus = corpus_in(store, final_heads)
+    source = pairs if cfg.refit else fit_pairs
+    final = labelled(store, source, _space(final_heads, "queries"))
+    fingerprint = final_heads.fingerprint if final_heads is not None else None
+    corrections = make_corrections(cfg, corpus, store.corpus.ids, final, gamma, store.fingerprint, fingerprint, record)
+    log(f"{cfg.method}: {len(corrections.doc_ids):,} documents corrected from {len(final.ids):,} labelled queries")
+    return corrections

@@ -23,16 +23,19 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def query_sums(queries: np.ndarray, answers: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+def query_sums(queries: np.ndarray, answers: Sequence[Sequence[int]], power: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(rows, g): the corpus rows some query judged relevant (sorted) and, per row, the sum of those queries.
 
-    A query that lists a document twice counts twice, as in nudge-ft.
+    Each query counts with weight |its answers|^-power (0: nudge-ft's plain sum; a query that judges
+    many documents says less about each). A query that lists a document twice counts twice, as in nudge-ft.
     """
-    q_idx = np.repeat(np.arange(len(answers)), [len(a) for a in answers])
+    sizes = np.array([len(a) for a in answers], dtype=np.int64)
+    q_idx = np.repeat(np.arange(len(answers)), sizes)
     d_idx = np.fromiter((d for a in answers for d in a), dtype=np.int64, count=len(q_idx))
     rows, slot = np.unique(d_idx, return_inverse=True)
+    weight = np.maximum(sizes, 1).astype(np.float64) ** -power
     g = np.zeros((len(rows), queries.shape[1]), dtype=np.float64)
-    np.add.at(g, slot, queries[q_idx].astype(np.float64))
+    np.add.at(g, slot, queries[q_idx].astype(np.float64) * weight[q_idx, None])
     return rows, g.astype(queries.dtype)
 
 

@@ -43,31 +43,16 @@ PROBE_MARGIN = 0.0025
 OUT = ROOT / "runs" / "adapt"
 # heads variant -> TrainConfig overrides (None: no heads). Each is crossed with the adaptation choices below.
 HEADS = {"none": None, "best": {}, "best-sigreg0": {"lambda_isotropy": 0.0}, "best-half": {"interpolate": 0.5}}
-ADAPT = {"heads-only": None, "nudge-n/ndcg": adapt.AdaptConfig("nudge-n", "ndcg"), "nudge-n/nudge-ft": adapt.AdaptConfig("nudge-n", "nudge-ft")}
+ADAPT = {"heads-only": None, "nudge-n/nudge-ft": adapt.AdaptConfig("nudge-n", "nudge-ft"),
+         **{f"nudge-n/ndcg/p{p:g}": adapt.AdaptConfig("nudge-n", "ndcg", power=p) for p in (0.0, 0.5, 1.0)}}
 
 
 def store_of(name: str):
     return open_store(ROOT / "data" / "cache" / name / "all-mpnet-base-v2.imported")
 
 
-def labelled(store, pairs, space) -> adapt.Labelled:
-    q_ids = store.queries.ids
-    by_query: dict[int, list[int]] = {}
-    for q, d in zip(pairs.query_rows, pairs.doc_rows):
-        by_query.setdefault(int(q), []).append(int(d))
-    rows = np.array(list(by_query), dtype=np.int64)
-    return adapt.Labelled(space(store.queries.vectors(np.float32, rows)), list(by_query.values()), [q_ids[r] for r in rows])
-
-
 def spaces(heads):
-    import torch
-
-    def unit(x):
-        return nudge.unit(x.astype(np.float32))
-    if heads is None:
-        return unit, unit
-    return (lambda x: unit(heads.encode_documents(torch.from_numpy(x)).numpy()),
-            lambda x: unit(heads.encode_queries(torch.from_numpy(x)).numpy()))
+    return (lambda x: nudge.unit(adapt._space(heads, "documents")(x)), lambda x: nudge.unit(adapt._space(heads, "queries")(x)))
 
 
 def probe_qrels(name: str) -> dict[str, dict[str, int]]:
@@ -112,24 +97,25 @@ def select() -> dict:
         for hname, overrides in HEADS.items():
             for seed in SEEDS if overrides is not None else (0,):
                 done = OUT / "rows" / name / f"{hname}-s{seed}.json"
-                if done.is_file():
-                    results.setdefault(name, {}).setdefault(hname, {})[seed] = json.loads(done.read_text())
+                row = json.loads(done.read_text()) if done.is_file() else {}
+                if all(k in row for k in ADAPT):
+                    results.setdefault(name, {}).setdefault(hname, {})[seed] = row
                     continue
                 t0 = time.perf_counter()
                 heads = None if overrides is None else train_heads(name, seed, overrides, False, OUT / "heads" / name / f"{hname}-s{seed}")
-                docs_space, query_space = spaces(heads)
-                corpus = docs_space(store.corpus.vectors(np.float32))
-                fit, dev = labelled(store, fit_pairs, query_space), labelled(store, dev_pairs, query_space)
-                row = {"probes": {o: probe_ndcg(o, heads) for o in OTHERS[name]}}
+                if "probes" not in row:
+                    row["probes"] = {o: probe_ndcg(o, heads) for o in OTHERS[name]}
+                corpus = adapt.corpus_in(store, heads)
+                fit, dev = (adapt.labelled(store, p, adapt._space(heads, "queries")) for p in (fit_pairs, dev_pairs))
                 for aname, acfg in ADAPT.items():
-                    if acfg is None:
-                        gamma, rec = 0.0, {}
-                    else:
-                        gamma, rec = adapt.choose_gamma(acfg, corpus, corpus_ids, fit, dev)
-                    held = nudge.Held.build(dev.vectors, dev.answers, [corpus], nudge.query_sums(fit.vectors, fit.answers)[0], k=11)
-                    rows, g = nudge.query_sums(fit.vectors, fit.answers)
-                    row[aname] = {"gamma": gamma, "dev": adapt.dev_ndcg(corpus_ids, held, dev, rows,
-                                                                         nudge.nudge_n(nudge.unit(corpus[rows]), g, gamma))}
+                    if aname in row:
+                        continue
+                    gamma, rec = adapt.choose_gamma(acfg or adapt.AdaptConfig(gammas=(0.0,)), corpus, corpus_ids, fit, dev)
+                    if "dev_ndcg@10" not in rec:  # nudge-ft's rule: score its choice as the others are scored
+                        rows, g = nudge.query_sums(fit.vectors, fit.answers)
+                        held = nudge.Held.build(dev.vectors, dev.answers, [corpus], rows, k=11)
+                        rec["dev_ndcg@10"] = adapt.dev_ndcg(corpus_ids, held, dev, rows, nudge.nudge_n(nudge.unit(corpus[rows]), g, gamma))
+                    row[aname] = {"gamma": gamma, "dev": rec["dev_ndcg@10"]}
                 row["seconds"] = time.perf_counter() - t0
                 results.setdefault(name, {}).setdefault(hname, {})[seed] = row
                 done.parent.mkdir(parents=True, exist_ok=True)
