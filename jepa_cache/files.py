@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -84,6 +85,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, tag: str = "partial", replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder of `dest`, renamed to `dest` when the block ends: whole or not at all.
+
+    On an error the temporary folder is removed. `replace`: whatever is at `dest` is removed just
+    before the rename; otherwise only an empty folder may be there (the rename replaces it).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{tag}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if replace and dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        elif replace and dest.exists():
+            dest.unlink()
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_json(path: str | os.PathLike) -> Any:

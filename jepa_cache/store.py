@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import UserError
-from .files import atomic_path, atomic_write_json, canonical_hash, is_url, sha256_bytes
+from .files import atomic_dir, atomic_path, atomic_write_json, canonical_hash, is_url, sha256_bytes
 
 FORMAT = "jepa-cache/store"
 FORMAT_VERSION = 1
@@ -348,9 +348,7 @@ class StoreWriter:
             raise UserError(f"shard rows ({shard_rows}) must be a positive multiple of chunk rows ({chunk_rows})")
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_creations(path)
-        tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        with atomic_dir(path, tag="creating") as tmp:  # an empty folder the user made is replaced
             root = zarr.open_group(store=str(tmp), mode="w")
             for section in SECTIONS:
                 rows = len(ids[section])
@@ -367,11 +365,6 @@ class StoreWriter:
                 )
                 _write_ids(tmp / section / "ids.parquet", ids[section])
             root.attrs.update({**provenance, "created": now_iso(), "versions": package_versions(), "complete": False})
-            if path.exists():  # an empty folder the user made
-                path.rmdir()
-            os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def remove_partial_files(self) -> int:
         """Delete temporary files a killed writer left (zarr's `*.partial`, our `.*.tmp`); the sole writer only."""
