@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from .errors import UserError
 from .files import atomic_path, atomic_write_json, read_json, sha256_file
+from .search import SIMILARITIES
 
 FORMAT = "jepa-cache/heads"
 FORMAT_VERSION = 1
@@ -53,7 +54,6 @@ META_FILE = "heads.json"
 PROJECTIONS = ("linear", "residual", "mlp", "adapter")
 PREDICTORS = ("residual", "mlp", "none")
 INITS = ("pca", "orthogonal", "identity", "random")
-SIMILARITIES = ("cos", "l2")
 TOWERS = ("projection", "predictor")
 
 

@@ -321,8 +321,8 @@ class Runner:
                         "per_query": one["files"]["per_query"], "store_source": one["store"]["source"],
                         "store": one["store"]["path"],
                         "heads": str(heads) if heads else None,
-                        "trainable_params": meta.get("training", {}).get("trainable_parameters", meta["parameters"]["total"]) if meta else 0,
-                        "train_seconds": meta.get("training", {}).get("seconds", 0.0) if meta else 0.0,
+                        "trainable_params": meta["training"]["trainable_parameters"] if meta else 0,
+                        "train_seconds": meta["training"]["seconds"] if meta else 0.0,
                     })
         from .report import write_report  # noqa: PLC0415
 

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .datasets import BeirDataset
 from .errors import UserError
 from .files import atomic_dir, atomic_path, atomic_write_json, canonical_hash, is_url, sha256_bytes
 
@@ -238,6 +239,17 @@ class Store:
             f"{self.path} [{p['source']}] {self.dataset_name}: {self.corpus.rows} docs, {self.queries.rows} queries, "
             f"{p['dim']}-d {p['dtype']}, encoder {p['encoder']['name']}"
         )
+
+
+def check_dataset(store: Store, dataset: BeirDataset) -> None:
+    """The store must hold the vectors of this dataset's corpus and queries: same name, same text files (qrels may differ)."""
+    if store.dataset_name != dataset.name:
+        raise UserError(f"{store.path}: a store of dataset {store.dataset_name!r}, not {dataset.name!r}; pass that dataset's store")
+    recorded, current = store.provenance["dataset"].get("files") or {}, dataset.file_hashes()
+    changed = [f for f in recorded if not f.startswith("qrels/") and f in current and recorded[f] != current[f]]
+    if changed:
+        raise UserError(f"{store.path}: made from other versions of {', '.join(changed)} than {dataset.root} holds; "
+                        "rebuild or re-import it")
 
 
 def open_store(
