@@ -71,7 +71,7 @@ def build(
 @app.command()
 def verify(store: str = typer.Argument(..., help="Store folder to check (local: verify reads its shard markers).")) -> None:
     """Check a store: provenance, shapes, finished shards, NaN/inf and per-shard checksums."""
-    from .store import verify_store
+    from .store_writer import verify_store
 
     problems = verify_store(store)
     for p in problems:

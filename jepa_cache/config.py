@@ -205,11 +205,11 @@ class LiveConfig:
     model: str | None = None  # the encoder to start from; default: the one recorded in the store (must match it)
     encode_batch_size: int = 32  # frozen-live: texts per forward pass
     encoder_lr: float = 2e-5  # full: the encoder's AdamW rate
-    head_lr: float | None = None  # heads while the encoder trains; default 1e-3 for full (the study's), train.lr for hybrid phase 2
+    head_lr: float | None = None  # heads while the encoder trains; default 1e-3 (full, the study's), train.lr (hybrid)
     phase2_encoder_lr: float = 1e-6  # hybrid phase 2: the unfrozen encoder's rate
     phase2_epochs: int | None = None  # default: train.epochs
-    threshold: float | None = None  # hybrid: phase 2 runs only if phase-1 validation NDCG@10 >= this; default: > vanilla's
-    val_split: str = "dev"  # hybrid validation qrels; without that split, a seeded slice of the training queries is held out
+    threshold: float | None = None  # hybrid: phase 2 only if phase-1 validation NDCG@10 >= this; default: > vanilla's
+    val_split: str = "dev"  # hybrid validation qrels; without that split, a seeded slice of training queries
     val_fraction: float = 0.1
     val_seed: int = 0
     encoder_dropout: bool = True  # a training encoder in train mode (dropout); False: eval mode, deterministic

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import UserError
-from .files import atomic_dir, safe_extract
+from .files import atomic_dir, check_name, safe_extract
 
 BEIR_URL_ENV = "JEPA_CACHE_BEIR_URL"
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets"
@@ -154,8 +154,6 @@ def download_beir(name: str, root: str | os.PathLike, log: Callable[[str], None]
     Lock-free: each process unpacks into its own temporary folder and renames it into place; a
     process that loses the race uses the winner's folder. A failed download leaves nothing behind.
     """
-    from .datasets import check_name
-
     check_name(name)
     root = Path(root)
     url = beir_url(name)

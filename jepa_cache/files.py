@@ -168,6 +168,16 @@ def safe_extract(archive: zipfile.ZipFile, dest: str | os.PathLike) -> None:
     archive.extractall(dest)
 
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_name(name: str, what: str = "dataset") -> str:
+    """A dataset, recipe or strategy name that becomes a folder name: no paths, no `..`."""
+    if not _NAME.match(name):
+        raise UserError(f"{what} name {name!r} is not allowed: use letters, digits, '.', '_' and '-' (no paths)")
+    return name
+
+
 def is_url(path: str | os.PathLike) -> bool:
     """An fsspec URL (s3://, gs://, https://, memory://, ...), also after `Path` folded its `//` to `/`.
 

@@ -26,7 +26,8 @@ from .datasets import CORPUS_TEMPLATE, QUERY_TEMPLATE, find_dataset, read_ids
 from .errors import UserError
 from .files import check_writable, exclusive_lock, read_json, sha256_file
 from .models import canonical_name, model_folder_name, resolve_model, weights_sha256
-from .store import DTYPES, SECTIONS, Store, StoreWriter, default_store_path, open_store
+from .store import DTYPES, SECTIONS, Store, default_store_path, open_store
+from .store_writer import StoreWriter
 
 # A unit vector stored in float16 keeps its norm within ~1e-4; 1e-3 flags vectors that were never normalised.
 NORM_TOL = 1e-3

@@ -90,7 +90,8 @@ class JEPAEncoder(nn.Module):
                  base_dropout: bool = True, gradient_checkpointing: bool = False, device: str | torch.device = "auto"):
         super().__init__()
         device = pick_device(device) if isinstance(device, str) else device
-        self.base = load_encoder(resolve_model(base_model), device) if isinstance(base_model, (str, os.PathLike)) else base_model
+        named = isinstance(base_model, (str, os.PathLike))
+        self.base = load_encoder(resolve_model(base_model), device) if named else base_model
         dim = embedding_dim(self.base)
         if heads is None:
             heads = Heads(HeadsConfig(input_dim=dim, output_dim=output_dim, projection="mlp", projection_hidden=2 * dim,
@@ -173,9 +174,11 @@ class JEPAEncoder(nn.Module):
 
     def param_groups(self, encoder_lr: float, head_lr: float, weight_decay: float) -> list[dict]:
         """AdamW groups as the study built them: the encoder at its rate, projection and predictor at theirs."""
-        lrs = {"projection": head_lr, "predictor": head_lr, "base": encoder_lr}  # heads first: fit logs the first group's lr
+        # heads first: fit logs the first group's lr
+        lrs = {"projection": head_lr, "predictor": head_lr, "base": encoder_lr}
         parts = self.get_trainable_parameters()
-        return [{"params": parts[name], "lr": lr, "weight_decay": weight_decay, "name": name} for name, lr in lrs.items() if parts[name]]
+        return [{"params": parts[name], "lr": lr, "weight_decay": weight_decay, "name": name}
+                for name, lr in lrs.items() if parts[name]]
 
 
 GaussianEmbeddingGemma = JEPAEncoder

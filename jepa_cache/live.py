@@ -112,12 +112,14 @@ def validation_split(cfg: LiveConfig, store: Store, out: Path, device: torch.dev
         queries = store.queries.vectors(np.float32, np.array([store.queries.row_of[q] for q in qids], dtype=np.int64))
         dev = DevSet(torch.from_numpy(queries).to(device), qids, corpus, store.corpus.ids, {q: qrels[q] for q in qids})
         return Validation(dev, f"{dataset.name}/{cfg.val_split} ({len(qids):,} queries)", tcfg)
-    fit_pairs, held = load_pairs(dataclasses.replace(tcfg, max_pairs=None), store).hold_out(cfg.val_fraction, cfg.val_seed)
+    all_pairs = load_pairs(dataclasses.replace(tcfg, max_pairs=None), store)
+    fit_pairs, held = all_pairs.hold_out(cfg.val_fraction, cfg.val_seed)
     path = out / "phase1-pairs.jsonl"
     _write_pairs(path, fit_pairs, store)
     origin = (f"{held.origin} held out ({dataset.name} has no {cfg.val_split!r} split); "
               f"phase 1 trains on the other {len(fit_pairs):,} pairs ({path})")
-    return Validation(DevSet.from_pairs(held, store, corpus, device), origin, dataclasses.replace(tcfg, pairs=str(path)))
+    dev = DevSet.from_pairs(held, store, corpus, device)
+    return Validation(dev, origin, dataclasses.replace(tcfg, pairs=str(path)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +149,8 @@ def _train_through_encoder(cfg: LiveConfig, store: Store, pairs: Pairs, folder: 
     base = load_encoder(folder, device)  # loaded before seeding, as train.train loads a live source
     torch.manual_seed(tcfg.seed)  # heads init, dropout masks
     if heads is None:
-        heads = build_heads(tcfg, store.dim, torch.from_numpy(store.corpus.vectors(np.float32, index.doc_rows))).to(device)
+        init_vectors = torch.from_numpy(store.corpus.vectors(np.float32, index.doc_rows))
+        heads = build_heads(tcfg, store.dim, init_vectors).to(device)
     model = JEPAEncoder(base, freeze_base=False, heads=heads, base_dropout=cfg.encoder_dropout,
                         gradient_checkpointing=cfg.gradient_checkpointing, device=device)
     optimizer = torch.optim.AdamW(model.param_groups(encoder_lr, cfg.head_lr, tcfg.weight_decay))
@@ -187,15 +190,17 @@ def _hybrid(cfg: LiveConfig, store: Store, folder: Path, device: torch.device, o
     vanilla, achieved = split.dev.score(None), split.dev.score(phase1.heads)
     # The study's rule, unfreeze only if phase 1 works: reach --threshold, or by default beat vanilla.
     passed = achieved > vanilla if cfg.threshold is None else achieved >= cfg.threshold
-    validation = {"from": split.origin, "queries": len(split.dev), "vanilla_ndcg@10": vanilla, "phase1_ndcg@10": achieved,
-                  "threshold": cfg.threshold, "rule": "> vanilla" if cfg.threshold is None else ">= --threshold",
-                  "phase2": passed, "phase1_seconds": phase1.seconds}
+    validation = {"from": split.origin, "queries": len(split.dev), "vanilla_ndcg@10": vanilla,
+                  "phase1_ndcg@10": achieved, "threshold": cfg.threshold,
+                  "rule": "> vanilla" if cfg.threshold is None else ">= --threshold", "phase2": passed,
+                  "phase1_seconds": phase1.seconds}
     log(f"phase 1 validation NDCG@10 {achieved:.4f} (vanilla {vanilla:.4f}; phase 2 needs {validation['rule']}"
         f"{f' {cfg.threshold:.4f}' if cfg.threshold is not None else ''}): "
         + ("phase 2 unfreezes the encoder" if passed else "phase 2 skipped; phase 1's heads are the result"))
     counts = phase1.heads.parameter_counts()["total"]
     if not passed:
-        return _Trained(phase1.heads, phase1.history, phase1.epoch_seconds, counts, phase1.config, validation=validation)
+        return _Trained(phase1.heads, phase1.history, phase1.epoch_seconds, counts, phase1.config,
+                        validation=validation)
     model, fitted, trainable = _train_through_encoder(cfg, store, load_pairs(phase1.config, store), folder, device,
                                                       phase1.heads, cfg.phase2_encoder_lr, cfg.phase2_epochs, log)
     steps, epochs = len(phase1.history), max(r["epoch"] for r in phase1.history) + 1  # phase 2 numbered on
@@ -265,7 +270,8 @@ def train_live(cfg: LiveConfig, log: Callable[[str], None] = print) -> TrainResu
     folder = live_encoder_folder(cfg.model, store)
     if cfg.strategy == "frozen-live":
         result = _frozen_live(cfg, store, out, log)
-        heads, history, epoch_seconds, record, changed = result.heads, result.history, result.epoch_seconds, result.record, False
+        heads, history, epoch_seconds, record = result.heads, result.history, result.epoch_seconds, result.record
+        changed = False
     else:
         with exclusive_lock(out, "train-live"):
             out.mkdir(parents=True, exist_ok=True)
@@ -278,7 +284,9 @@ def train_live(cfg: LiveConfig, log: Callable[[str], None] = print) -> TrainResu
     atomic_write_json(out / SUMMARY_FILE, {
         "strategy": cfg.strategy, "config": cfg, "validation": record["validation"], "seconds": round(seconds, 3),
         "trainable_parameters": record["trainable_parameters"], "steps": len(history), "finished": record["finished"],
-        "encoder": {"path": str(encoder), "changed": changed, "base": str(folder), "weights_sha256": weights_sha256(encoder)},
+        "encoder": {"path": str(encoder), "changed": changed, "base": str(folder),
+                    "weights_sha256": weights_sha256(encoder)},
     })
-    log(f"train-live {cfg.strategy}: {seconds:.1f} s; heads: {out}" + (f"; fine-tuned encoder: {encoder}" if changed else ""))
+    log(f"train-live {cfg.strategy}: {seconds:.1f} s; heads: {out}"
+        + (f"; fine-tuned encoder: {encoder}" if changed else ""))
     return TrainResult(out, heads.eval(), cfg, history, epoch_seconds, seconds, record, encoder)

@@ -29,7 +29,7 @@ from .store import Store
 
 
 def lr_lambda(total_steps: int, warmup: float, schedule: str = "cosine") -> Callable[[int], float]:
-    """Linear warm-up over `warmup` of the steps, then cosine decay to zero (or a constant rate); stepped every batch."""
+    """Linear warm-up over `warmup` of the steps, then cosine decay to zero (or constant); stepped every batch."""
     warm = int(round(warmup * total_steps))
 
     def factor(step: int) -> float:
@@ -64,7 +64,8 @@ class DevSet:
 
     def __init__(self, queries: Tensor, query_ids: list[str], corpus: Tensor, corpus_ids: list[str],
                  qrels: dict[str, dict[str, int]]):
-        self.queries, self.query_ids, self.corpus, self.corpus_ids, self.qrels = queries, query_ids, corpus, corpus_ids, qrels
+        self.queries, self.query_ids, self.qrels = queries, query_ids, qrels
+        self.corpus, self.corpus_ids = corpus, corpus_ids
 
     @classmethod
     def from_pairs(cls, dev: Pairs, store: Store, corpus: Tensor, device: torch.device) -> "DevSet":
@@ -84,7 +85,8 @@ class DevSet:
         if heads is None:
             queries, docs, similarity = self.queries, self.corpus, "cos"
         else:
-            queries, docs, similarity = heads.encode_queries(self.queries), heads.encode_documents(self.corpus), heads.similarity
+            queries, docs = heads.encode_queries(self.queries), heads.encode_documents(self.corpus)
+            similarity = heads.similarity
         hits = top_k(docs.float().cpu().numpy(), queries.float().cpu().numpy(), 11, similarity, "torch")
         run = {q: dict(docs) for q, docs in run_of_hits(hits, self.query_ids, self.corpus_ids, 11).items()}
         return score(self.qrels, run, recall_at=10)[0]["ndcg@10"]
@@ -173,7 +175,8 @@ def _loss(heads: Heads, criterion: JEPASIGRegLoss, source: EmbeddingSource, inde
 def _record(loss: Tensor, parts: dict[str, Tensor], grad_norm: Tensor, step: int, epoch: int, lr: float) -> dict:
     """The step's line of steps.jsonl; a NaN/inf anywhere stops training, naming the term."""
     values = torch.stack([loss.detach(), grad_norm.to(loss.device), *parts.values()]).tolist()
-    record = {"step": step, "epoch": epoch, "loss": values[0], **dict(zip(parts, values[2:])), "grad_norm": values[1], "lr": lr}
+    record = {"step": step, "epoch": epoch, "loss": values[0], **dict(zip(parts, values[2:])),
+              "grad_norm": values[1], "lr": lr}
     if not all(math.isfinite(v) for v in values):
         bad = first_nonfinite(parts) or ("loss" if not math.isfinite(values[0]) else "grad_norm")
         raise NonFiniteLoss(

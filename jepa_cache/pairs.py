@@ -68,17 +68,20 @@ def _rows(section, ids: list[str], what: str, origin: str) -> np.ndarray:
     if missing:
         shown = ", ".join(repr(i) for i in missing[:5])
         raise UserError(
-            f"{origin}: {len(missing)} {what} id(s) are not in the store {section.name} ({shown}{', ...' if len(missing) > 5 else ''}); "
+            f"{origin}: {len(missing)} {what} id(s) are not in the store {section.name} "
+            f"({shown}{', ...' if len(missing) > 5 else ''}); "
             "the pairs and the store come from different datasets, or the store is out of date"
         )
     return np.fromiter((row_of[i] for i in ids), dtype=np.int64, count=len(ids))
 
 
-def pairs_from_ids(store: Store, query_ids: list[str], doc_ids: list[str], neg_ids: list[str] | None, origin: str) -> Pairs:
+def pairs_from_ids(store: Store, query_ids: list[str], doc_ids: list[str], neg_ids: list[str] | None,
+                   origin: str) -> Pairs:
     if not query_ids:
         raise UserError(f"{origin}: no training pairs")
     neg = None if neg_ids is None else _rows(store.corpus, neg_ids, "negative document", origin)
-    return Pairs(_rows(store.queries, query_ids, "query", origin), _rows(store.corpus, doc_ids, "document", origin), neg, origin)
+    queries, docs = _rows(store.queries, query_ids, "query", origin), _rows(store.corpus, doc_ids, "document", origin)
+    return Pairs(queries, docs, neg, origin)
 
 
 def qrels_pairs(store: Store, qrels_path: Path) -> Pairs:
@@ -108,7 +111,8 @@ def read_pairs_file(path: Path) -> tuple[list[str], list[str], list[str] | None]
                 raise UserError(f"{path}: no {col!r} column (have {', '.join(table.column_names)})")
         data = {c: [str(v) for v in table.column(c).to_pylist()] for c in columns if c in table.column_names}
         if any(v in ("None", "") for c in data for v in data[c]):
-            raise UserError(f"{path}: empty or null ids; every row needs query_id and doc_id (and negative_id when present)")
+            raise UserError(f"{path}: empty or null ids; every row needs query_id and doc_id "
+                            "(and negative_id when present)")
         return data["query_id"], data["doc_id"], data.get("negative_id")
     rows = []
     for lineno, obj in iter_jsonl(path):
@@ -188,7 +192,8 @@ class PairIndex:
         count = np.bincount(q, minlength=len(query_rows))
         start = np.concatenate([[0], np.cumsum(count)[:-1]])
         as_tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64), device=device)  # noqa: E731
-        return cls(query_rows, doc_rows, as_tensor(q), as_tensor(d), None if n is None else as_tensor(n), as_tensor(keys),
+        return cls(query_rows, doc_rows, as_tensor(q), as_tensor(d), None if n is None else as_tensor(n),
+                   as_tensor(keys),
                    as_tensor(by_query), as_tensor(start), as_tensor(count))
 
     def __len__(self) -> int:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from .config import EvalConfig, ImportConfig, LiveConfig, TrainConfig
 from .errors import UserError
-from .files import canonical_hash, read_json
+from .files import canonical_hash, check_name, read_json
 from .models import DEFAULT_MODEL
 from .presets import DEFAULT_PRESET, LIVE_PRESET
 
@@ -72,8 +72,6 @@ def _known_keys(path: Path, where: str, table: dict, known: set[str]) -> None:
 
 def _name(path: Path, where: str, value: str, what: str) -> str:
     """A recipe, strategy or dataset name becomes a folder name: no paths, no `..`."""
-    from .datasets import check_name  # noqa: PLC0415
-
     try:
         return check_name(value, what)
     except UserError as e:

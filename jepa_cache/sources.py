@@ -73,22 +73,8 @@ class FrozenLiveSource:
         return self._encode(self.doc_texts, rows)
 
 
-def live_encoder_folder(model: str | None, store: Store) -> Path:
-    """The encoder folder for live training: `model`, else the one the store records; it must be the store's."""
-    recorded = store.provenance["encoder"]
-    name = model or (recorded.get("path") if recorded.get("path") and Path(recorded["path"]).exists() else recorded["name"])
-    folder = resolve_model(name)
-    want = recorded.get("weights_sha256")
-    if want and weights_sha256(folder) != want:
-        raise UserError(
-            f"--model {name}: its weights differ from the encoder that made {store.path} ({recorded['name']}); "
-            "live and cached training must use the same encoder"
-        )
-    return folder
-
-
 class EncoderSource:
-    """An embedding source for `train.fit` that runs a `JEPAEncoder`'s base on the batch's texts.
+    """An embedding source for `loop.fit` that runs a `JEPAEncoder`'s base on the batch's texts.
 
     With a trainable base the vectors carry autograd, so `fit`'s optimizer updates the encoder too.
 
@@ -111,7 +97,8 @@ class EncoderSource:
 def live_encoder_folder(model: str | None, store: Store) -> Path:
     """The encoder folder for live training: `model`, else the one the store records; it must be the store's."""
     recorded = store.provenance["encoder"]
-    name = model or (recorded.get("path") if recorded.get("path") and Path(recorded["path"]).exists() else recorded["name"])
+    local = recorded.get("path") if recorded.get("path") and Path(recorded["path"]).exists() else None
+    name = model or local or recorded["name"]
     folder = resolve_model(name)
     want = recorded.get("weights_sha256")
     if want and weights_sha256(folder) != want:
@@ -135,13 +122,14 @@ def store_texts(store: Store, dataset_name: str | None, data_dir: str | None,
         wanted = [store.section(section).ids[r] for r in rows]
         missing = [i for i in wanted if i not in text_of]
         if missing:
-            raise UserError(f"{path}: {len(missing)} id(s) of the store's {section} are not in it (first {missing[0]!r})")
+            raise UserError(f"{path}: {len(missing)} id(s) of the store's {section} are not in it "
+                            f"(first {missing[0]!r})")
         texts.append([text_of[i] for i in wanted])
     return texts[0], texts[1]
 
 
-def frozen_live_source(model: str | None, store: Store, dataset: str | None, data_dir: str | None, query_rows: Sequence[int],
-                       doc_rows: Sequence[int], device: torch.device, batch_size: int = 32,
+def frozen_live_source(model: str | None, store: Store, dataset: str | None, data_dir: str | None,
+                       query_rows: Sequence[int], doc_rows: Sequence[int], device: torch.device, batch_size: int = 32,
                        log: Callable[[str], None] = print) -> FrozenLiveSource:
     """Load the store's encoder (or `model`, which must be it) and the texts of the given store rows."""
     folder = live_encoder_folder(model, store)

@@ -67,7 +67,8 @@ def _strategy_values(cfg: TrainConfig) -> dict:
     if strategy == "frozen-isotropy":  # projection only: no predictor, no predictive term
         for key, want in (("predictor", "none"), ("lambda_predictive", 0.0)):
             if values.get(key, want) != want:
-                raise UserError(f"--strategy frozen-isotropy trains the projection only; it cannot take {key}={values[key]!r}")
+                raise UserError(f"--strategy frozen-isotropy trains the projection only; "
+                                f"it cannot take {key}={values[key]!r}")
             values[key] = want
         if values.get("query_tower", "projection") != "projection":
             raise UserError("--strategy frozen-isotropy has no predictor: queries go through the projection")
@@ -79,7 +80,8 @@ def _check_values(cfg: TrainConfig) -> None:
     """Refuse resolved values out of range, in one line naming the option."""
     if cfg.strategy == "frozen-predictor" and cfg.predictor == "none":
         raise UserError(f"--strategy frozen-predictor needs a predictor (preset {cfg.preset} has none: add e.g. "
-                        "--predictor residual --lambda-predictive 0.5); use --strategy frozen-isotropy for projection only")
+                        "--predictor residual --lambda-predictive 0.5); "
+                        "use --strategy frozen-isotropy for projection only")
     for name in ("epochs", "batch_size", "directions", "mine_k"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be positive")
@@ -87,7 +89,8 @@ def _check_values(cfg: TrainConfig) -> None:
         raise UserError("--lr and --temperature must be positive, --warmup in [0, 1), --grad-clip >= 0")
     if cfg.max_pairs is not None and cfg.max_pairs <= 0:
         raise UserError(f"--max-pairs {cfg.max_pairs}: must be positive")
-    for name, allowed in (("negatives", NEGATIVES), ("sampling", SAMPLINGS), ("schedule", SCHEDULES), ("select", SELECTS)):
+    choices = (("negatives", NEGATIVES), ("sampling", SAMPLINGS), ("schedule", SCHEDULES), ("select", SELECTS))
+    for name, allowed in choices:
         _choice(name, getattr(cfg, name), allowed)
     if cfg.corpus_negatives < 0:
         raise UserError(f"--corpus-negatives {cfg.corpus_negatives}: 0 (the whole corpus) or a positive count")
@@ -110,7 +113,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def default_out(root: Path, dataset: str, name: str) -> Path:
-    """Where a run writes without --out: <root>/<dataset>/<name> (runs/heads for train-heads, runs/live for train-live)."""
+    """Where a run writes without --out: <root>/<dataset>/<name> (root: runs/heads, or runs/live for train-live)."""
     return root / dataset / name
 
 
@@ -153,7 +156,8 @@ def training_record(*, strategy: str, preset: str, pairs: int, pairs_from: str, 
     return {
         "strategy": strategy, "preset": preset, "pairs": pairs, "pairs_from": pairs_from, "steps": len(history),
         "seconds": round(seconds, 3), "epoch_seconds": [round(t, 3) for t in epoch_seconds], "live": live,
-        "encoder_changed": encoder_changed, "device": device, "ranks": ranks, "trainable_parameters": trainable_parameters,
+        "encoder_changed": encoder_changed, "device": device, "ranks": ranks,
+        "trainable_parameters": trainable_parameters,
         "final_epoch_mean": final, "dev": dev, "validation": validation, "finished": now_iso(),
     }
 
@@ -188,13 +192,14 @@ class TrainResult:
 
 def _log_plan(cfg: TrainConfig, heads: Heads, index: PairIndex, steps: int, stop_after: int | None, live: bool,
               log: Callable[[str], None]) -> None:
-    n_docs = len(index.doc_rows)
+    drawn = "all" if not 0 < cfg.corpus_negatives < len(index.doc_rows) else cfg.corpus_negatives
     negs = {"batch": "in-batch negatives", "mined": f"in-batch + 1 of {cfg.mine_k} mined negatives per query",
-            "corpus": f"in-batch + {'all' if not 0 < cfg.corpus_negatives < n_docs else cfg.corpus_negatives} corpus negatives"}
+            "corpus": f"in-batch + {drawn} corpus negatives"}
     log(describe(heads))
-    log(f"loss: {cfg.contrastive} λ={cfg.lambda_contrastive} ({negs[cfg.negatives]}), {cfg.isotropy} λ={cfg.lambda_isotropy}, "
-        f"{cfg.predictive} predictive λ={cfg.lambda_predictive} (stop-grad {cfg.use_stopgrad}), reg λ={cfg.lambda_reg}; "
-        f"{cfg.epochs} {'query' if cfg.sampling == 'queries' else 'pair'} epoch(s) × {steps} steps of {cfg.batch_size}, "
+    log(f"loss: {cfg.contrastive} λ={cfg.lambda_contrastive} ({negs[cfg.negatives]}), "
+        f"{cfg.isotropy} λ={cfg.lambda_isotropy}, {cfg.predictive} predictive λ={cfg.lambda_predictive} "
+        f"(stop-grad {cfg.use_stopgrad}), reg λ={cfg.lambda_reg}; {cfg.epochs} "
+        f"{'query' if cfg.sampling == 'queries' else 'pair'} epoch(s) × {steps} steps of {cfg.batch_size}, "
         f"{cfg.schedule} lr {cfg.lr:g}{f', stopping after epoch {stop_after}' if stop_after is not None else ''}"
         f"{'; LIVE: encoding every batch through the frozen encoder' if live else ''}")
 
@@ -202,8 +207,10 @@ def _log_plan(cfg: TrainConfig, heads: Heads, index: PairIndex, steps: int, stop
 def _index(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device, log: Callable[[str], None]) -> PairIndex:
     whole = cfg.negatives != "batch"
     if cfg.negatives == "mined" and pairs.neg_rows is not None:
-        raise UserError(f"{pairs.origin}: triples bring their own hard negatives; use --negatives batch or corpus with them")
-    index = PairIndex.build(pairs, device, corpus_rows=store.corpus.rows if whole else None, same_id=same_id_rows(store))
+        raise UserError(f"{pairs.origin}: triples bring their own hard negatives; "
+                        "use --negatives batch or corpus with them")
+    index = PairIndex.build(pairs, device, corpus_rows=store.corpus.rows if whole else None,
+                            same_id=same_id_rows(store))
     log(f"training pairs: {len(pairs):,} from {pairs.origin} ({index.num_queries:,} queries, {len(index.doc_rows):,} "
         f"{'corpus ' if whole else ''}documents{', with hard negatives' if pairs.neg_rows is not None else ''})")
     return index
@@ -229,7 +236,8 @@ def _fit_once(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device
     if w.distributed:
         torch.manual_seed(cfg.seed + w.rank)  # each rank's share of the batch gets its own dropout masks
     criterion = build_criterion(cfg.group(LossConfig), cfg.seed)
-    optimizer = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in heads.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     mined = None
     if cfg.negatives == "mined":  # rank 0 mines, the others receive: the same negatives everywhere
         mined = (mine_negatives(heads, source, index, cfg.mine_k) if w.main
@@ -244,9 +252,10 @@ def _fit_once(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device
 
     steps = math.ceil(index.items(cfg.sampling) / cfg.batch_size)
     _log_plan(cfg, heads, index, steps, stop_after, make_source is not None, log)
-    result = fit(heads, criterion, source, index, optimizer, cfg.group(OptimConfig), cfg.group(DataConfig), seed=cfg.seed,
-                 mined=mined, dev=dev_score if dev is not None else None, select=cfg.select if dev is not None else "last",
-                 stop_after=stop_after, on_step=on_step, log=log, world=w)
+    result = fit(heads, criterion, source, index, optimizer, cfg.group(OptimConfig), cfg.group(DataConfig),
+                 seed=cfg.seed, mined=mined, dev=dev_score if dev is not None else None,
+                 select=cfg.select if dev is not None else "last", stop_after=stop_after, on_step=on_step, log=log,
+                 world=w)
     if cfg.interpolate != 1.0:
         interpolate_heads(heads, initial, cfg.interpolate)
         log(f"heads interpolated with their initial weights: initial + {cfg.interpolate:g} × (trained − initial)")
@@ -282,7 +291,8 @@ def _fit_and_refit(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.d
     return heads, result, steps, dev_record
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print, make_source: SourceFactory | None = None) -> TrainResult:
+def train(cfg: TrainConfig, log: Callable[[str], None] = print,
+          make_source: SourceFactory | None = None) -> TrainResult:
     """Train heads on a store's cached vectors (or on the batches `make_source` encodes) and save them under `out`.
 
     With `dev_fraction`, a seeded slice of the training queries is held out and scored after
@@ -312,14 +322,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, make_source: Sou
                 def write_step(record: dict, phase: str) -> None:
                     steps_file.write(json.dumps({**record, "phase": phase} if cfg.refit else record) + "\n")
 
-                heads, result, steps, dev_record = _fit_and_refit(cfg, store, pairs, device, w, log, write_step, make_source)
+                heads, result, steps, dev_record = _fit_and_refit(cfg, store, pairs, device, w, log, write_step,
+                                                                  make_source)
             seconds = time.perf_counter() - t0
             final = mean_parts(result.history[-steps:])
             record = training_record(
-                strategy=cfg.strategy, preset=cfg.preset, pairs=len(pairs), pairs_from=pairs.origin, history=result.history,
-                final=final, seconds=seconds, epoch_seconds=result.epoch_seconds, device=str(device),
-                trainable_parameters=heads.parameter_counts()["total"], live=make_source is not None, ranks=w.size,
-                dev=dev_record)
+                strategy=cfg.strategy, preset=cfg.preset, pairs=len(pairs), pairs_from=pairs.origin,
+                history=result.history, final=final, seconds=seconds, epoch_seconds=result.epoch_seconds,
+                device=str(device), trainable_parameters=heads.parameter_counts()["total"],
+                live=make_source is not None, ranks=w.size, dev=dev_record)
             if w.main:
                 save_heads(heads, out, {"store": store_record(store), "training": record})
                 atomic_write_json(out / CONFIG_FILE, cfg)

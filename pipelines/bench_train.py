@@ -24,7 +24,8 @@ import numpy as np
 from jepa_cache.config import LiveConfig, TrainConfig
 from jepa_cache.errors import UserError
 from jepa_cache.models import DEFAULT_MODEL, resolve_model, weights_sha256
-from jepa_cache.store import StoreWriter, open_store
+from jepa_cache.store import open_store
+from jepa_cache.store_writer import StoreWriter
 from jepa_cache.live import train_live
 from jepa_cache.train import train
 

@@ -153,7 +153,8 @@ def _train(w: World, *extra: str, store: Path | None = None) -> list[str]:
 
 def _incomplete_store(w: World) -> Path:
     """A store whose writer died after its first shard: created, never finalised."""
-    from jepa_cache.store import StoreWriter, open_store
+    from jepa_cache.store import open_store
+    from jepa_cache.store_writer import StoreWriter
 
     done = open_store(w.store)
     provenance = {k: done.provenance[k] for k in ("source", "encoder", "dataset", "template", "dim", "dtype", "layout")}
@@ -443,7 +444,8 @@ def test_disk_full_during_eval_leaves_no_partial_results(world, cli, monkeypatch
 
 
 def test_disk_full_during_import_leaves_a_store_readers_refuse(world, cli, monkeypatch):
-    from jepa_cache.store import StoreWriter, open_store
+    from jepa_cache.store import open_store
+    from jepa_cache.store_writer import StoreWriter
 
     real = StoreWriter.write_shard
     calls = {"n": 0}

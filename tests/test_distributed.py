@@ -19,7 +19,8 @@ from jepa_cache.build import build
 from jepa_cache.config import BuildConfig, TrainConfig
 from jepa_cache.distributed import World, split_rows
 from jepa_cache.heads import load_heads
-from jepa_cache.store import StoreWriter, open_store
+from jepa_cache.store import open_store
+from jepa_cache.store_writer import StoreWriter
 from jepa_cache.train import train
 
 QUIET = dict(log=lambda s: None)
