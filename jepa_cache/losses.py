@@ -1,17 +1,9 @@
 """The JEPA retrieval loss and its terms: pure functions of tensors, plus one module that combines them.
 
-Every function takes embeddings (never text, never a model) and returns a tensor, so the cached
-and the live training loops compute exactly the same thing. The combined `JEPASIGRegLoss`
-returns `(loss, parts)` where `parts` holds each *weighted* term: they sum to `loss`.
-
-SIGReg and the batch size. The Epps–Pulley statistic of LeJEPA is
-`N · ∫ |φ̂(t) − e^{−t²/2}|² w(t) dt`; for truly Gaussian samples its expectation is about 1.05
-whatever N is, but for any non-Gaussian batch it grows linearly with N (≈0.4·N for unit-norm
-512-d vectors). A weight λ on the raw statistic would therefore mean something different at
-batch 16 and at batch 1024. `JEPASIGRegLoss` uses the statistic divided by N (the weighted
-squared distance between the empirical and the Gaussian characteristic functions), which
-estimates a population quantity: λ_isotropy means the same at any batch size. The raw
-statistic stays available as `sigreg(...)` for measurement.
+Every function takes embeddings (never text, never a model), so cached and live training compute the
+same thing. `JEPASIGRegLoss` returns `(loss, parts)`, each part a *weighted* term (they sum to `loss`);
+its SIGReg term is the Epps-Pulley statistic / N, so λ means the same at any batch size
+(pipelines/ABLATION.md, "Design notes").
 """
 
 from __future__ import annotations
