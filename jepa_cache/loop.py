@@ -22,7 +22,7 @@ from .errors import UserError
 from .heads import Heads
 from .losses import PART_NAMES, JEPASIGRegLoss, first_nonfinite
 from .metrics import run_of_hits, score
-from .pairs import Pairs, PairIndex
+from .pairs import PairIndex, Pairs, repeated
 from .search import top_k
 from .sources import EmbeddingSource
 from .store import Store
@@ -167,7 +167,11 @@ def _loss(heads: Heads, criterion: JEPASIGRegLoss, source: EmbeddingSource, inde
     z_x = z[b + len(cand):] if extra is not None else None
     predicted = heads.predictor(z_q) if heads.predictor is not None else None
     contrast_with_predictor = heads.predictor is not None and heads.config.query_tower == "predictor"
-    mask = index.positive_mask(bq, cand if extra is None else torch.cat([cand, extra]))
+    if extra is None:
+        mask = index.positive_mask(bq, cand)
+    else:  # a full softmax over the corpus: each document once, however often the batch holds it
+        every = torch.cat([cand, extra])
+        mask = index.positive_mask(bq, every) | repeated(every)[None, :]
     return criterion(z_q, z_d, z_n, predicted, positive_mask=mask, step=step, negatives=z_x,
                      contrast_query=predicted if contrast_with_predictor else None)
 

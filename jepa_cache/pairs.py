@@ -232,6 +232,20 @@ class PairIndex:
         return len(self) if sampling == "pairs" else self.num_queries
 
 
+def repeated(candidates: Tensor) -> Tensor:
+    """[C] bool: True where the same document already stands at an earlier column of `candidates` ([C]).
+
+    With corpus negatives the batch's documents are also in the corpus; masking the repeats leaves
+    each document once in the softmax's denominator (the target column is never masked).
+    """
+    order = torch.argsort(candidates, stable=True)
+    ordered = candidates[order]
+    again = torch.cat([torch.zeros(1, dtype=torch.bool, device=candidates.device), ordered[1:] == ordered[:-1]])
+    out = torch.empty_like(again)
+    out[order] = again
+    return out
+
+
 def mine_negatives(heads: Heads, source: EmbeddingSource, index: PairIndex, k: int, batch: int = 1024) -> Tensor:
     """The `k` nearest non-positive corpus documents of every local query, through `heads` as they are now.
 

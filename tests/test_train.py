@@ -14,6 +14,7 @@ from jepa_cache.config import TrainConfig
 from jepa_cache.errors import UserError
 from jepa_cache.heads import load_heads
 from jepa_cache.losses import JEPASIGRegLoss
+from jepa_cache.distributed import World
 from jepa_cache.config import DataConfig, LiveConfig, LossConfig, OptimConfig
 from jepa_cache.live import resolve_live, train_live
 from jepa_cache.loop import fit
@@ -254,6 +255,30 @@ def test_corpus_negatives_mask_every_other_positive_and_match_a_full_softmax():
     for i, target in enumerate(bd.tolist()):
         keep = [j for j in range(6) if j == target or not mask[i, j]]
         expected.append(torch.logsumexp(logits[i, keep], 0) - logits[i, target])
+    assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+
+
+def test_corpus_negatives_count_each_document_once_in_the_denominator():
+    """The loop's loss with the whole corpus as negatives equals a softmax over the corpus, each document once.
+
+    The batch's documents are in the corpus too: (q1, d4) and (q2, d0) put d0 before q1's corpus and d4 before
+    q2's, where a mask of positives alone would leave them twice.
+    """
+    from jepa_cache.loop import _candidates, _loss
+
+    pairs = Pairs(np.array([0, 0, 1, 2]), np.array([1, 4, 4, 0]), None, "test")
+    index = PairIndex.build(pairs, torch.device("cpu"), corpus_rows=6)
+    gen = torch.Generator().manual_seed(0)
+    zq, zc = torch.randn(3, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    cfg = resolve_config(TrainConfig(store="", preset="best", output_dim=8))
+    heads = build_heads(cfg, 8, zc)  # the identity adapter: a uniform scale, the same cosines
+    criterion = JEPASIGRegLoss(0.0, 1.0, 0.0, temperature=0.1)
+    batch = torch.tensor([2, 3])
+    cand, extra = _candidates(index, cfg.group(DataConfig), batch, None, gen)
+    assert cand.tolist() == [4, 0] and extra.tolist() == list(range(6))
+    loss, _ = _loss(heads, criterion, CachedSource(zq, zc), index, index.q[batch], cand, extra, 0, World())
+    logits = F.normalize(zq, dim=1) @ F.normalize(zc, dim=1).T / 0.1
+    expected = [torch.logsumexp(logits[q], 0) - logits[q, d] for q, d in ((1, 4), (2, 0))]  # q1, q2: one positive each
     assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
 
 
