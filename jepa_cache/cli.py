@@ -170,6 +170,8 @@ def train_heads_cmd(
     pairs: Optional[Path] = _opt("--pairs", "Pairs/triples of ids instead of qrels: JSONL or Parquet with query_id, "
                                  "doc_id[, negative_id].", RUN),
     max_pairs: Optional[int] = _opt("--max-pairs", "Train on a seeded random subset of this many pairs.", RUN),
+    allow_test_training: bool = _opt("--allow-test-training", "Allow --train-split test, the split eval scores "
+                                     "(results would then be measured on training queries).", RUN, False),
     preset: str = _opt("--preset", "best (the recipe that beats vanilla: pipelines/ABLATION.md), jepa (PCA 768→512 + "
                        "predictor, in-batch) or study (the study's heads and loss). Options below override it.",
                        RUN, DEFAULT_PRESET),
@@ -279,6 +281,8 @@ def train_live_cmd(
     pairs: Optional[Path] = _opt("--pairs", "Pairs/triples of ids instead of qrels (JSONL or Parquet).", RUN),
     max_pairs: Optional[int] = _opt("--max-pairs", "Train on a seeded random subset of this many pairs (quick CPU "
                                     "runs).", RUN),
+    allow_test_training: bool = _opt("--allow-test-training", "Allow --train-split test, the split eval scores.", RUN,
+                                     False),
     preset: str = _opt("--preset", "Heads and loss preset, as train-heads: jepa or study; hybrid also takes best (its "
                        "phase 1 is cached).", HEADS, LIVE_PRESET),
     output_dim: Optional[int] = _opt("--output-dim", "Width of the heads' output, 0 for the encoder's.", HEADS,
@@ -313,8 +317,8 @@ def train_live_cmd(
     from .config import LiveConfig, TrainConfig
     from .live import train_live
 
-    train_fields = ("store", "out", "dataset", "data_dir", "train_split", "pairs", "max_pairs", "preset", "output_dim",
-                    "epochs", "batch_size", "lr", "seed", "device", "overwrite")
+    train_fields = ("store", "out", "dataset", "data_dir", "train_split", "pairs", "max_pairs", "allow_test_training",
+                    "preset", "output_dim", "epochs", "batch_size", "lr", "seed", "device", "overwrite")
     live = {k: v for k, v in values.items() if k not in (*train_fields, "no_dropout")}
     train_live(LiveConfig(train=TrainConfig(**{k: values[k] for k in train_fields}), encoder_dropout=not no_dropout,
                           **live), log=typer.echo)

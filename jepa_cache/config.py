@@ -86,6 +86,7 @@ class TrainConfig:
     train_split: str = "train"
     pairs: str | None = None  # a pairs/triples file of ids (JSONL or Parquet) instead of qrels
     max_pairs: int | None = None  # a seeded subset of the pairs (quick runs, the live benchmark)
+    allow_test_training: bool = False  # train on the scored split (`test`) on purpose
     strategy: str | None = None  # frozen-predictor | frozen-isotropy (projection only); default: the preset's
     preset: str = DEFAULT_PRESET
     # heads (heads.HeadsConfig)

@@ -461,3 +461,23 @@ def test_help_shows_every_presets_value():
     assert result.exit_code == 0
     text = " ".join(result.output.replace("│", " ").split())
     assert "(best: 0, jepa: 512, study: 512)" in text and "(every preset: 0.1)" in text
+
+
+def test_training_on_the_scored_split_needs_allow_test_training(tmp_path):
+    from jepa_cache.pipeline import load_recipe
+
+    with pytest.raises(UserError, match="--train-split test: that is the split eval scores"):
+        resolve_config(TrainConfig(store="", train_split="test"))
+    assert resolve_config(TrainConfig(store="", train_split="test", allow_test_training=True)).train_split == "test"
+    assert resolve_config(TrainConfig(store="", train_split="test", pairs="p.jsonl")).pairs  # a pairs file: no split used
+    recipe = tmp_path / "r.toml"
+    body = 'name = "r"\n[train]\ndataset = "scifact"\nsplit = "test"\n{allow}[eval]\ndatasets = {datasets}\n' \
+           '[[strategies]]\nname = "vanilla"\n'
+    recipe.write_text(body.format(allow="", datasets='["nfcorpus", "scifact"]'))
+    with pytest.raises(UserError, match="train.split = 'test' is the split eval scores on scifact"):
+        load_recipe(recipe)
+    recipe.write_text(body.format(allow="allow_test_training = true\n", datasets='["nfcorpus", "scifact"]'))
+    assert load_recipe(recipe).allow_test_training
+    recipe.write_text(body.format(allow="", datasets='["nfcorpus"]'))  # scifact's test split is not scored here
+    assert load_recipe(recipe).train_split == "test"
+
