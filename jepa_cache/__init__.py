@@ -9,7 +9,7 @@ _LAZY = {
     "Heads": "heads",
     "HeadsConfig": "heads",
     "load_heads": "heads",
-    "JEPAEncoder": "live", "GaussianEmbeddingGemma": "live",
+    "JEPAEncoder": "jepa_encoder", "GaussianEmbeddingGemma": "jepa_encoder",
 }
 
 

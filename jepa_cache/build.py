@@ -18,7 +18,8 @@ from .errors import UserError
 from .distributed import barrier, broadcast, gather_to_main, main_lock, on_main, rank_device, world
 from .files import atomic_write_json, check_writable
 from .models import canonical_name, resolve_model, weights_sha256
-from .store import DTYPES, SECTIONS, Store, StoreWriter, default_store_path, open_store
+from .store import DTYPES, SECTIONS, Store, default_store_path, open_store
+from .store_writer import StoreWriter
 
 TEXT_OF = {"corpus": corpus_text, "queries": query_text}
 

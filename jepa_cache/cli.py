@@ -71,7 +71,7 @@ def build(
 @app.command()
 def verify(store: str = typer.Argument(..., help="Store folder to check (local: verify reads its shard markers).")) -> None:
     """Check a store: provenance, shapes, finished shards, NaN/inf and per-shard checksums."""
-    from .store import verify_store
+    from .store_writer import verify_store
 
     problems = verify_store(store)
     for p in problems:
@@ -145,76 +145,108 @@ def eval_cmd(
     typer.echo(f"results: {results['out']}/results.json")
 
 
+HEADS, LOSS, OPTIM, DATA, SELECT, RUN = "Heads", "Loss", "Optimisation", "What a step sees", "Selection on dev", "Input and output"
+
+
+def _opt(flag: str, text: str, panel: str, default=None, field: str | None = None):
+    """An option in a --help panel; `field`: its default comes from the preset (shown per preset)."""
+    by = f" {_by_preset(field)}" if field else ""
+    return typer.Option(default, flag, help=text + by, rich_help_panel=panel)
+
+
+def _config_values(values: dict) -> dict:
+    """Command-line values as config fields: paths as strings."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+
+
 @app.command("train-heads")
 def train_heads_cmd(
-    store: str = typer.Option(..., "--store", help="Store folder (from build or import) holding the dataset's vectors, or an fsspec URL to read it from (s3://, gs://, https://, ...)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Heads folder (default runs/heads/<dataset>/<preset>-<strategy>-s<seed>)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset for the qrels (name or folder; default: the store's)."),
-    data_dir: Optional[Path] = DataDirOpt,
-    train_split: str = typer.Option("train", "--train-split", help="qrels split whose (query, document) pairs with score > 0 are trained on."),
-    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pairs/triples of ids instead of qrels: JSONL or Parquet with query_id, doc_id[, negative_id]."),
-    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Train on a seeded random subset of this many pairs."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="frozen-isotropy (projection only) or frozen-predictor (projection + JEPA predictor and its predictive term). " + _by_preset("strategy")),
-    preset: str = typer.Option(DEFAULT_PRESET, "--preset", help="best (the recipe that beats vanilla: pipelines/ABLATION.md), jepa (PCA 768→512 + predictor, in-batch) or study (the study's heads and loss, for a faithful comparison). Options below override it."),
-    output_dim: Optional[int] = typer.Option(None, "--output-dim", help="Width of the heads' output, 0 for the encoder's. " + _by_preset("output_dim")),
-    projection: Optional[str] = typer.Option(None, "--projection", help="linear | residual | mlp | adapter (x + Wx, starts at the identity). " + _by_preset("projection")),
-    predictor: Optional[str] = typer.Option(None, "--predictor", help="With --strategy frozen-predictor: residual | mlp | none. " + _by_preset("predictor")),
-    init: Optional[str] = typer.Option(None, "--init", help="Projection init: pca | orthogonal | identity | random. " + _by_preset("init")),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout inside the MLPs. " + _by_preset("dropout")),
-    similarity: Optional[str] = typer.Option(None, "--similarity", help="Retrieval similarity recorded in the heads: cos | l2. " + _by_preset("similarity")),
-    query_tower: Optional[str] = typer.Option(None, "--query-tower", help="Tower that encodes queries at retrieval: projection | predictor. " + _by_preset("query_tower")),
-    rank: Optional[int] = typer.Option(None, "--rank", help="--projection adapter: rank of its W, 0 for a full matrix. " + _by_preset("rank")),
-    contrastive: Optional[str] = typer.Option(None, "--contrastive", help="infonce | triplet. " + _by_preset("contrastive")),
-    isotropy: Optional[str] = typer.Option(None, "--isotropy", help="sigreg | covariance. " + _by_preset("isotropy")),
-    predictive: Optional[str] = typer.Option(None, "--predictive", help="Predictive distance: cosine | mse. " + _by_preset("predictive")),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="InfoNCE temperature. " + _by_preset("temperature")),
-    margin: Optional[float] = typer.Option(None, "--margin", help="Triplet margin. " + _by_preset("margin")),
-    lambda_predictive: Optional[float] = typer.Option(None, "--lambda-predictive", help="Weight of the predictive term. " + _by_preset("lambda_predictive")),
-    lambda_contrastive: Optional[float] = typer.Option(None, "--lambda-contrastive", help="Weight of the contrastive term. " + _by_preset("lambda_contrastive")),
-    lambda_isotropy: Optional[float] = typer.Option(None, "--lambda-isotropy", help="Weight of the isotropy term. " + _by_preset("lambda_isotropy")),
-    lambda_reg: Optional[float] = typer.Option(None, "--lambda-reg", help="Weight of the variance term. " + _by_preset("lambda_reg")),
-    stopgrad: Optional[bool] = typer.Option(None, "--stopgrad/--no-stopgrad", help="Stop the gradient through the predictive target. " + _by_preset("use_stopgrad")),
-    directions: Optional[int] = typer.Option(None, "--directions", help="SIGReg random directions per step. " + _by_preset("directions")),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs: passes over the pairs or the queries (--sampling); with --select dev, the most tried. " + _by_preset("epochs")),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per step, the in-batch negatives. " + _by_preset("batch_size")),
-    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate of the heads. " + _by_preset("lr")),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay. " + _by_preset("weight_decay")),
-    warmup: Optional[float] = typer.Option(None, "--warmup", help="Fraction of steps of linear warm-up before the --schedule. " + _by_preset("warmup")),
-    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max gradient norm, 0 for none. " + _by_preset("grad_clip")),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Learning rate after the warm-up: cosine | constant. " + _by_preset("schedule")),
-    sampling: Optional[str] = typer.Option(None, "--sampling", help="An epoch is every pair (pairs) or every query with one positive drawn (queries). " + _by_preset("sampling")),
-    negatives: Optional[str] = typer.Option(None, "--negatives", help="batch | corpus (every cached document too) | mined (a FAISS-mined hard negative too). " + _by_preset("negatives")),
-    corpus_negatives: Optional[int] = typer.Option(None, "--corpus-negatives", help="--negatives corpus: documents drawn per step, 0 for the whole corpus. " + _by_preset("corpus_negatives")),
-    mine_k: Optional[int] = typer.Option(None, "--mine-k", help="--negatives mined: nearest non-positive documents kept per query. " + _by_preset("mine_k")),
-    dev_fraction: Optional[float] = typer.Option(None, "--dev-fraction", help="Seeded fraction of the training queries held out and scored every epoch. " + _by_preset("dev_fraction")),
-    select: Optional[str] = typer.Option(None, "--select", help="Keep the last epoch, or the one with the best dev NDCG@10 (dev; epoch 0 = the initial heads). " + _by_preset("select")),
-    refit: Optional[bool] = typer.Option(None, "--refit/--no-refit", help="After --select dev, retrain on all training queries for the chosen epochs. " + _by_preset("refit")),
-    interpolate: Optional[float] = typer.Option(None, "--interpolate", help="Final heads = initial + this × (trained − initial), WiSE-FT; 1 keeps them as trained. " + _by_preset("interpolate")),
-    seed: int = typer.Option(0, "--seed", help="Seeds the init, the shuffle, dropout and SIGReg's directions."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
-    live: bool = typer.Option(False, "--live", help="Reference loop: encode every batch's texts through the frozen encoder (slow)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Encoder for --live (default: the one recorded in the store; must match it)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace heads already in --out."),
+    store: str = typer.Option(..., "--store", rich_help_panel=RUN, help="Store folder (from build or import) holding "
+                              "the dataset's vectors, or an fsspec URL to read it from (s3://, gs://, https://, ...)."),
+    out: Optional[Path] = _opt("--out", "Heads folder (default runs/heads/<dataset>/<preset>-<strategy>-s<seed>).", RUN),
+    dataset: Optional[str] = _opt("--dataset", "Dataset for the qrels (name or folder; default: the store's).", RUN),
+    data_dir: Optional[Path] = _opt("--data-dir", "Folder holding BEIR datasets (default: $JEPA_CACHE_DATA, then "
+                                    "data/beir/).", RUN),
+    train_split: str = _opt("--train-split", "qrels split whose (query, document) pairs with score > 0 are trained on.",
+                            RUN, "train"),
+    pairs: Optional[Path] = _opt("--pairs", "Pairs/triples of ids instead of qrels: JSONL or Parquet with query_id, "
+                                 "doc_id[, negative_id].", RUN),
+    max_pairs: Optional[int] = _opt("--max-pairs", "Train on a seeded random subset of this many pairs.", RUN),
+    allow_test_training: bool = _opt("--allow-test-training", "Allow --train-split test, the split eval scores "
+                                     "(results would then be measured on training queries).", RUN, False),
+    preset: str = _opt("--preset", "best (the recipe that beats vanilla: pipelines/ABLATION.md), jepa (PCA 768→512 + "
+                       "predictor, in-batch) or study (the study's heads and loss). Options below override it.",
+                       RUN, DEFAULT_PRESET),
+    seed: int = _opt("--seed", "Seeds the init, the shuffle, dropout and SIGReg's directions.", RUN, 0),
+    device: str = _opt("--device", "auto (CUDA when present), cpu, cuda or cuda:N.", RUN, "auto"),
+    overwrite: bool = _opt("--overwrite", "Replace heads already in --out.", RUN, False),
+    strategy: Optional[str] = _opt("--strategy", "frozen-isotropy (projection only) or frozen-predictor (projection + "
+                                   "JEPA predictor and its predictive term).", HEADS, field="strategy"),
+    output_dim: Optional[int] = _opt("--output-dim", "Width of the heads' output, 0 for the encoder's.", HEADS,
+                                     field="output_dim"),
+    projection: Optional[str] = _opt("--projection", "linear | residual | mlp | adapter (x + Wx, starts at the "
+                                     "identity).", HEADS, field="projection"),
+    predictor: Optional[str] = _opt("--predictor", "With --strategy frozen-predictor: residual | mlp | none.", HEADS,
+                                    field="predictor"),
+    init: Optional[str] = _opt("--init", "Projection init: pca | orthogonal | identity | random.", HEADS, field="init"),
+    dropout: Optional[float] = _opt("--dropout", "Dropout inside the MLPs.", HEADS, field="dropout"),
+    similarity: Optional[str] = _opt("--similarity", "Retrieval similarity recorded in the heads: cos | l2.", HEADS,
+                                     field="similarity"),
+    query_tower: Optional[str] = _opt("--query-tower", "Tower that encodes queries at retrieval: projection | "
+                                      "predictor.", HEADS, field="query_tower"),
+    rank: Optional[int] = _opt("--rank", "--projection adapter: rank of its W, 0 for a full matrix.", HEADS, field="rank"),
+    contrastive: Optional[str] = _opt("--contrastive", "infonce | triplet.", LOSS, field="contrastive"),
+    isotropy: Optional[str] = _opt("--isotropy", "sigreg | covariance.", LOSS, field="isotropy"),
+    predictive: Optional[str] = _opt("--predictive", "Predictive distance: cosine | mse.", LOSS, field="predictive"),
+    temperature: Optional[float] = _opt("--temperature", "InfoNCE temperature.", LOSS, field="temperature"),
+    margin: Optional[float] = _opt("--margin", "Triplet margin.", LOSS, field="margin"),
+    lambda_predictive: Optional[float] = _opt("--lambda-predictive", "Weight of the predictive term.", LOSS,
+                                              field="lambda_predictive"),
+    lambda_contrastive: Optional[float] = _opt("--lambda-contrastive", "Weight of the contrastive term.", LOSS,
+                                               field="lambda_contrastive"),
+    lambda_isotropy: Optional[float] = _opt("--lambda-isotropy", "Weight of the isotropy term.", LOSS,
+                                            field="lambda_isotropy"),
+    lambda_reg: Optional[float] = _opt("--lambda-reg", "Weight of the variance term.", LOSS, field="lambda_reg"),
+    use_stopgrad: Optional[bool] = _opt("--stopgrad/--no-stopgrad", "Stop the gradient through the predictive target.",
+                                        LOSS, field="use_stopgrad"),
+    directions: Optional[int] = _opt("--directions", "SIGReg random directions per step.", LOSS, field="directions"),
+    epochs: Optional[int] = _opt("--epochs", "Epochs: passes over the pairs or the queries (--sampling); with --select "
+                                 "dev, the most tried.", OPTIM, field="epochs"),
+    batch_size: Optional[int] = _opt("--batch-size", "Pairs per step, the in-batch negatives.", OPTIM, field="batch_size"),
+    lr: Optional[float] = _opt("--lr", "AdamW learning rate of the heads.", OPTIM, field="lr"),
+    weight_decay: Optional[float] = _opt("--weight-decay", "AdamW weight decay.", OPTIM, field="weight_decay"),
+    warmup: Optional[float] = _opt("--warmup", "Fraction of steps of linear warm-up before the --schedule.", OPTIM,
+                                   field="warmup"),
+    grad_clip: Optional[float] = _opt("--grad-clip", "Max gradient norm, 0 for none.", OPTIM, field="grad_clip"),
+    schedule: Optional[str] = _opt("--schedule", "Learning rate after the warm-up: cosine | constant.", OPTIM,
+                                   field="schedule"),
+    sampling: Optional[str] = _opt("--sampling", "An epoch is every pair (pairs) or every query with one positive "
+                                   "drawn (queries).", DATA, field="sampling"),
+    negatives: Optional[str] = _opt("--negatives", "batch | corpus (every cached document too) | mined (a FAISS-mined "
+                                    "hard negative too).", DATA, field="negatives"),
+    corpus_negatives: Optional[int] = _opt("--corpus-negatives", "--negatives corpus: documents drawn per step, 0 for "
+                                           "the whole corpus.", DATA, field="corpus_negatives"),
+    mine_k: Optional[int] = _opt("--mine-k", "--negatives mined: nearest non-positive documents kept per query.", DATA,
+                                 field="mine_k"),
+    dev_fraction: Optional[float] = _opt("--dev-fraction", "Seeded fraction of the training queries held out and "
+                                         "scored every epoch.", SELECT, field="dev_fraction"),
+    select: Optional[str] = _opt("--select", "Keep the last epoch, or the one with the best dev NDCG@10 (dev; epoch 0 "
+                                 "= the initial heads).", SELECT, field="select"),
+    refit: Optional[bool] = _opt("--refit/--no-refit", "After --select dev, retrain on all training queries for the "
+                                 "chosen epochs.", SELECT, field="refit"),
+    interpolate: Optional[float] = _opt("--interpolate", "Final heads = initial + this × (trained − initial), WiSE-FT; "
+                                        "1 keeps them as trained.", SELECT, field="interpolate"),
 ) -> None:
     """Train the projection and JEPA predictor on the store's cached vectors (seconds, not an encoder per step).
 
-    Under `torchrun --nproc_per_node=N -m jepa_cache train-heads ...` the ranks split each global batch (README: Scaling out).
+    Under `torchrun --nproc_per_node=N -m jepa_cache train-heads ...` the ranks split each global batch
+    (README: Scaling out). Through the encoder (frozen-live, full, hybrid): `jepa-cache train-live`.
     """
+    values = _config_values(locals())  # first: only the options
     from .config import TrainConfig
     from .train import train
 
-    train(TrainConfig(
-        store=str(store), out=str(out) if out else None, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
-        train_split=train_split, pairs=str(pairs) if pairs else None, max_pairs=max_pairs, strategy=strategy, preset=preset,
-        output_dim=output_dim, projection=projection, predictor=predictor, init=init, dropout=dropout, similarity=similarity,
-        query_tower=query_tower, contrastive=contrastive, isotropy=isotropy, predictive=predictive, temperature=temperature,
-        margin=margin, lambda_predictive=lambda_predictive, lambda_contrastive=lambda_contrastive,
-        lambda_isotropy=lambda_isotropy, lambda_reg=lambda_reg, use_stopgrad=stopgrad, directions=directions, epochs=epochs,
-        batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, seed=seed, rank=rank,
-        schedule=schedule, sampling=sampling, negatives=negatives, corpus_negatives=corpus_negatives, mine_k=mine_k,
-        dev_fraction=dev_fraction, select=select, refit=refit, interpolate=interpolate,
-        device=device, live=live, model=model, overwrite=overwrite,
-    ), log=typer.echo)
+    train(TrainConfig(**values), log=typer.echo)
 
 
 @app.command()
@@ -235,49 +267,63 @@ def run(
 
 @app.command("train-live")
 def train_live_cmd(
-    strategy: str = typer.Option(..., "--strategy", help="full (encoder fine-tuned with the heads), hybrid (heads on the cache, then the "
-                                 "encoder unfrozen if validation allows) or frozen-live (frozen encoder run every step)."),
-    store: Path = typer.Option(..., "--store", help="Store of the training dataset, made by the encoder to start from (pairs, PCA init, phase 1)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset for the texts and qrels (name or folder; default: the store's)."),
-    data_dir: Optional[Path] = DataDirOpt,
-    model: Optional[str] = typer.Option(None, "--model", help="The encoder to start from (default: the one recorded in the store; must match it)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/live/<dataset>/<strategy>-<preset>-s<seed>)."),
-    train_split: str = typer.Option("train", "--train-split", help="qrels split whose pairs are trained on."),
-    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pairs/triples of ids instead of qrels (JSONL or Parquet)."),
-    max_train_pairs: Optional[int] = typer.Option(None, "--max-train-pairs", help="Train on a seeded random subset of this many pairs (quick CPU runs)."),
-    preset: str = typer.Option(LIVE_PRESET, "--preset", help="Heads and loss preset, as train-heads: jepa or study; hybrid also takes best (its phase 1 is cached)."),
-    output_dim: Optional[int] = typer.Option(None, "--output-dim", help="Width of the heads' output, 0 for the encoder's. " + _by_preset("output_dim")),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the pairs (full; hybrid phase 1). " + _by_preset("epochs")),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per step. " + _by_preset("batch_size")),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Heads' rate with the encoder frozen (frozen-live, hybrid phase 1). " + _by_preset("lr")),
-    encoder_lr: float = typer.Option(2e-5, "--encoder-lr", help="full: the encoder's AdamW rate."),
-    head_lr: Optional[float] = typer.Option(None, "--head-lr", help="Heads' rate while the encoder trains (full: 1e-3, the study's; hybrid phase 2: --lr)."),
-    phase2_encoder_lr: float = typer.Option(1e-6, "--phase2-encoder-lr", help="hybrid: the unfrozen encoder's rate in phase 2."),
-    phase2_epochs: Optional[int] = typer.Option(None, "--phase2-epochs", help="hybrid: passes in phase 2 (default: --epochs)."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="hybrid: phase 2 only if phase-1 validation NDCG@10 >= this "
-                                              "(default: only if it beats the vanilla encoder's NDCG@10 on the same queries)."),
-    val_split: str = typer.Option("dev", "--val-split", help="hybrid: qrels split to validate on; without it, --val-fraction of the training queries is held out."),
-    val_fraction: float = typer.Option(0.1, "--val-fraction", help="hybrid: share of training queries held out (seeded by --val-seed) when there is no --val-split."),
-    val_seed: int = typer.Option(0, "--val-seed", help="hybrid: seed of the held-out slice (fixed across training seeds)."),
-    no_dropout: bool = typer.Option(False, "--no-dropout", help="Run the training encoder in eval mode (no dropout; deterministic)."),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute encoder activations in backward (less memory, more compute)."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the heads' init, the shuffle, dropout and SIGReg's directions."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a result already in --out."),
+    strategy: str = typer.Option(..., "--strategy", help="full (encoder fine-tuned with the heads), hybrid (heads on "
+                                 "the cache, then the encoder unfrozen if validation allows) or frozen-live (the "
+                                 "frozen encoder run every step: the loop the cache replaces)."),
+    store: Path = typer.Option(..., "--store", rich_help_panel=RUN, help="Store of the training dataset, made by the "
+                               "encoder to start from (pairs, PCA init, phase 1)."),
+    dataset: Optional[str] = _opt("--dataset", "Dataset for the texts and qrels (name or folder; default: the "
+                                  "store's).", RUN),
+    data_dir: Optional[Path] = _opt("--data-dir", "Folder holding BEIR datasets (default: $JEPA_CACHE_DATA, then "
+                                    "data/beir/).", RUN),
+    model: Optional[str] = _opt("--model", "The encoder to start from (default: the one recorded in the store; must "
+                                "match it).", RUN),
+    out: Optional[Path] = _opt("--out", "Output folder (default runs/live/<dataset>/<strategy>-<preset>-s<seed>).", RUN),
+    train_split: str = _opt("--train-split", "qrels split whose pairs are trained on.", RUN, "train"),
+    pairs: Optional[Path] = _opt("--pairs", "Pairs/triples of ids instead of qrels (JSONL or Parquet).", RUN),
+    max_pairs: Optional[int] = _opt("--max-pairs", "Train on a seeded random subset of this many pairs (quick CPU "
+                                    "runs).", RUN),
+    allow_test_training: bool = _opt("--allow-test-training", "Allow --train-split test, the split eval scores.", RUN,
+                                     False),
+    preset: str = _opt("--preset", "Heads and loss preset, as train-heads: jepa or study; hybrid also takes best (its "
+                       "phase 1 is cached).", HEADS, LIVE_PRESET),
+    output_dim: Optional[int] = _opt("--output-dim", "Width of the heads' output, 0 for the encoder's.", HEADS,
+                                     field="output_dim"),
+    epochs: Optional[int] = _opt("--epochs", "Passes over the pairs (full; hybrid phase 1).", OPTIM, field="epochs"),
+    batch_size: Optional[int] = _opt("--batch-size", "Pairs per step.", OPTIM, field="batch_size"),
+    lr: Optional[float] = _opt("--lr", "Heads' rate with the encoder frozen (frozen-live, hybrid phase 1).", OPTIM,
+                               field="lr"),
+    encoder_lr: float = _opt("--encoder-lr", "full: the encoder's AdamW rate.", OPTIM, 2e-5),
+    head_lr: Optional[float] = _opt("--head-lr", "Heads' rate while the encoder trains (full: 1e-3, the study's; "
+                                    "hybrid phase 2: --lr).", OPTIM),
+    phase2_encoder_lr: float = _opt("--phase2-encoder-lr", "hybrid: the unfrozen encoder's rate in phase 2.", OPTIM, 1e-6),
+    phase2_epochs: Optional[int] = _opt("--phase2-epochs", "hybrid: passes in phase 2 (default: --epochs).", OPTIM),
+    threshold: Optional[float] = _opt("--threshold", "hybrid: phase 2 only if phase-1 validation NDCG@10 >= this "
+                                      "(default: only if it beats the vanilla encoder's on the same queries).", SELECT),
+    val_split: str = _opt("--val-split", "hybrid: qrels split to validate on; without it, --val-fraction of the "
+                          "training queries is held out.", SELECT, "dev"),
+    val_fraction: float = _opt("--val-fraction", "hybrid: share of training queries held out (seeded by --val-seed) "
+                               "when there is no --val-split.", SELECT, 0.1),
+    val_seed: int = _opt("--val-seed", "hybrid: seed of the held-out slice (fixed across training seeds).", SELECT, 0),
+    no_dropout: bool = _opt("--no-dropout", "Run the training encoder in eval mode (no dropout; deterministic).", RUN,
+                            False),
+    gradient_checkpointing: bool = _opt("--gradient-checkpointing", "Recompute encoder activations in backward (less "
+                                        "memory, more compute).", RUN, False),
+    seed: int = _opt("--seed", "Seeds the heads' init, the shuffle, dropout and SIGReg's directions.", RUN, 0),
+    device: str = _opt("--device", "auto (CUDA when present), cpu, cuda or cuda:N.", RUN, "auto"),
+    overwrite: bool = _opt("--overwrite", "Replace a result already in --out.", RUN, False),
 ) -> None:
-    """Train through the encoder: full fine-tune, the two-phase hybrid, or the frozen-live reference (same heads, loss and loop)."""
+    """Train through the encoder: full fine-tune, the two-phase hybrid, or the frozen-live reference (same heads, loss
+    and loop as train-heads)."""
+    values = _config_values(locals())  # first: only the options
     from .config import LiveConfig, TrainConfig
     from .live import train_live
 
-    train_live(LiveConfig(
-        train=TrainConfig(store=str(store), out=str(out) if out else None, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
-                          train_split=train_split, pairs=str(pairs) if pairs else None, max_pairs=max_train_pairs, preset=preset,
-                          output_dim=output_dim, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, model=model,
-                          overwrite=overwrite),
-        strategy=strategy, encoder_lr=encoder_lr, head_lr=head_lr, phase2_encoder_lr=phase2_encoder_lr, phase2_epochs=phase2_epochs,
-        threshold=threshold, val_split=val_split, val_fraction=val_fraction, val_seed=val_seed, encoder_dropout=not no_dropout,
-        gradient_checkpointing=gradient_checkpointing,
-    ), log=typer.echo)
+    train_fields = ("store", "out", "dataset", "data_dir", "train_split", "pairs", "max_pairs", "allow_test_training",
+                    "preset", "output_dim", "epochs", "batch_size", "lr", "seed", "device", "overwrite")
+    live = {k: v for k, v in values.items() if k not in (*train_fields, "no_dropout")}
+    train_live(LiveConfig(train=TrainConfig(**{k: values[k] for k in train_fields}), encoder_dropout=not no_dropout,
+                          **live), log=typer.echo)
 
 
 @app.command()

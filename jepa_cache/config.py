@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TypeVar
 
 from .models import DEFAULT_MODEL
 from .presets import DEFAULT_PRESET
@@ -71,10 +72,12 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    """Stage 2: train retrieval heads on a store's cached vectors.
+    """Stage 2: train retrieval heads on a store's cached vectors; the flat settings of the CLI and recipes.
 
-    Fields left None take their value from `preset` (see `PRESETS`); the `config.json`
-    written beside the heads holds every value resolved, so a run can be repeated exactly.
+    Fields left None take their value from `preset` (see `PRESETS`); `train.resolve_config` fills
+    and checks them, and `group` hands each stage its part (`LossConfig`, `OptimConfig`,
+    `DataConfig`, `SelectConfig`; the heads' part becomes a `heads.HeadsConfig`). The
+    `config.json` written beside the heads holds every value resolved, so a run can be repeated.
     """
 
     store: str
@@ -84,9 +87,10 @@ class TrainConfig:
     train_split: str = "train"
     pairs: str | None = None  # a pairs/triples file of ids (JSONL or Parquet) instead of qrels
     max_pairs: int | None = None  # a seeded subset of the pairs (quick runs, the live benchmark)
+    allow_test_training: bool = False  # train on the scored split (`test`) on purpose
     strategy: str | None = None  # frozen-predictor | frozen-isotropy (projection only); default: the preset's
     preset: str = DEFAULT_PRESET
-    # heads
+    # heads (heads.HeadsConfig)
     output_dim: int | None = None
     projection: str | None = None
     projection_hidden: int | None = None
@@ -97,7 +101,7 @@ class TrainConfig:
     similarity: str | None = None
     query_tower: str | None = None
     rank: int | None = None  # projection adapter: rank of its W (0: full)
-    # loss
+    # loss (LossConfig)
     contrastive: str | None = None
     isotropy: str | None = None
     predictive: str | None = None
@@ -109,36 +113,89 @@ class TrainConfig:
     lambda_reg: float | None = None
     use_stopgrad: bool | None = None
     directions: int | None = None
-    # optimisation
+    # optimisation (OptimConfig)
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float | None = None
-    warmup: float | None = None  # fraction of the steps with a linear warm-up; then cosine decay
-    grad_clip: float | None = None  # max gradient norm; 0 = no clipping
-    schedule: str | None = None  # cosine (decay to 0 after the warm-up) | constant
-    # what a step sees
-    sampling: str | None = None  # pairs (an epoch = every pair) | queries (an epoch = every query, one positive drawn)
-    negatives: str | None = None  # batch | corpus (also every cached document) | mined (also a FAISS-mined hard negative)
-    corpus_negatives: int | None = None  # negatives=corpus: documents drawn per step; 0 = the whole corpus
-    mine_k: int | None = None  # negatives=mined: nearest non-positive documents kept per query
-    # choosing the epoch on held-out training queries
-    dev_fraction: float | None = None  # seeded slice of the training queries held out as dev; 0 = none
-    select: str | None = None  # last | dev (keep the epoch, 0 = the initial heads, with the best dev NDCG@10)
-    refit: bool | None = None  # with select=dev: retrain on all training queries for the chosen epochs
-    interpolate: float | None = None  # final heads = initial + interpolate * (trained - initial) (WiSE-FT); 1 = as trained
+    warmup: float | None = None
+    grad_clip: float | None = None
+    schedule: str | None = None
+    # what a step sees (DataConfig)
+    sampling: str | None = None
+    negatives: str | None = None
+    corpus_negatives: int | None = None
+    mine_k: int | None = None
+    # choosing the epoch on held-out training queries (SelectConfig)
+    dev_fraction: float | None = None
+    select: str | None = None
+    refit: bool | None = None
+    interpolate: float | None = None
     seed: int = 0
     device: str = "auto"
-    # the live reference loop: encode each batch's texts through the frozen encoder
-    live: bool = False
-    model: str | None = None  # live encoder; default: the one recorded in the store
-    encode_batch_size: int = 32
     overwrite: bool = False
+
+    def group(self, kind: type[G]) -> G:
+        """One group of the (resolved) settings, e.g. `cfg.group(LossConfig)`."""
+        return kind(**{f.name: getattr(self, f.name) for f in fields(kind)})
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The training loss: a contrastive term, an isotropy term and the JEPA predictive term, weighted."""
+
+    contrastive: str  # infonce | triplet
+    isotropy: str  # sigreg | covariance
+    predictive: str  # cosine | mse
+    temperature: float  # InfoNCE
+    margin: float  # triplet
+    lambda_predictive: float
+    lambda_contrastive: float
+    lambda_isotropy: float
+    lambda_reg: float  # the variance term
+    use_stopgrad: bool  # no gradient through the predictive target
+    directions: int  # SIGReg's random directions per step
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its learning-rate schedule (stepped every batch)."""
+
+    epochs: int  # passes over the pairs or the queries (DataConfig.sampling)
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup: float  # fraction of the steps with a linear warm-up
+    grad_clip: float  # max gradient norm; 0 = no clipping
+    schedule: str  # cosine (decay to 0 after the warm-up) | constant
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What a step sees: how an epoch is drawn and which documents are its negatives."""
+
+    sampling: str  # pairs (an epoch = every pair) | queries (an epoch = every query, one positive drawn)
+    negatives: str  # batch | corpus (also every cached document) | mined (also a FAISS-mined hard negative)
+    corpus_negatives: int  # negatives=corpus: documents drawn per step; 0 = the whole corpus
+    mine_k: int  # negatives=mined: nearest non-positive documents kept per query
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Choosing what to keep: the epoch with the best NDCG@10 on held-out training queries, a refit, WiSE-FT."""
+
+    dev_fraction: float  # seeded slice of the training queries held out as dev; 0 = none
+    select: str  # last | dev (keep the epoch, 0 = the initial heads, with the best dev NDCG@10)
+    refit: bool  # with select=dev: retrain on all training queries for the chosen epochs
+    interpolate: float  # final heads = initial + interpolate * (trained - initial); 1 = as trained
+
+
+G = TypeVar("G", LossConfig, OptimConfig, DataConfig, SelectConfig)
 
 
 @dataclass
 class LiveConfig:
-    """Live-encoder training (`train-live`): the heads as `train` says, plus what the encoder does.
+    """Training through the encoder (`train-live`): the heads as `train` says, plus what the encoder does.
 
     `train` is a stage-2 config (store, pairs, preset, heads, loss, epochs, batch, `lr`, seed, device,
     out); its `lr` is the heads' rate while the encoder is frozen (frozen-live, hybrid phase 1).
@@ -147,12 +204,14 @@ class LiveConfig:
 
     train: TrainConfig
     strategy: str = "full"  # full | hybrid | frozen-live
+    model: str | None = None  # the encoder to start from; default: the one recorded in the store (must match it)
+    encode_batch_size: int = 32  # frozen-live: texts per forward pass
     encoder_lr: float = 2e-5  # full: the encoder's AdamW rate
-    head_lr: float | None = None  # heads while the encoder trains; default 1e-3 for full (the study's), train.lr for hybrid phase 2
+    head_lr: float | None = None  # heads while the encoder trains; default 1e-3 (full, the study's), train.lr (hybrid)
     phase2_encoder_lr: float = 1e-6  # hybrid phase 2: the unfrozen encoder's rate
     phase2_epochs: int | None = None  # default: train.epochs
-    threshold: float | None = None  # hybrid: phase 2 runs only if phase-1 validation NDCG@10 >= this; default: > vanilla's
-    val_split: str = "dev"  # hybrid validation qrels; without that split, a seeded slice of the training queries is held out
+    threshold: float | None = None  # hybrid: phase 2 only if phase-1 validation NDCG@10 >= this; default: > vanilla's
+    val_split: str = "dev"  # hybrid validation qrels; without that split, a seeded slice of training queries
     val_fraction: float = 0.1
     val_seed: int = 0
     encoder_dropout: bool = True  # a training encoder in train mode (dropout); False: eval mode, deterministic

@@ -10,17 +10,15 @@ import gzip
 import io
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import UserError
-from .files import sha256_file
+from .files import check_name, sha256_file
 
 DATA_ENV = "JEPA_CACHE_DATA"
 DEFAULT_DATA_DIR = Path("data/beir")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def corpus_text(doc: dict) -> str:
@@ -67,12 +65,6 @@ class BeirDataset:
         """sha256 of every file the store depends on, keyed by path relative to the dataset root."""
         paths = [self.corpus_path, self.queries_path, *sorted((self.root / "qrels").glob("*.tsv"))]
         return {str(p.relative_to(self.root)): sha256_file(p) for p in paths}
-
-
-def check_name(name: str, what: str = "dataset") -> str:
-    if not _NAME.match(name):
-        raise UserError(f"{what} name {name!r} is not allowed: use letters, digits, '.', '_' and '-' (no paths)")
-    return name
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:

@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from .errors import UserError
+from .files import exclusive_lock
 
 
 @dataclass(frozen=True)
@@ -38,12 +42,9 @@ def world(device: str = "auto") -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
-    import torch.distributed as dist
-
-    from .errors import UserError
-
     if device not in ("auto", "cuda", "cpu"):
-        raise UserError(f"--device {device} under torchrun: use auto, cuda or cpu; each rank takes its node's GPU LOCAL_RANK")
+        raise UserError(f"--device {device} under torchrun: use auto, cuda or cpu; "
+                        "each rank takes its node's GPU LOCAL_RANK")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         # the same decision on every rank (homogeneous nodes): NCCL for GPUs, gloo for CPU tensors
@@ -63,8 +64,6 @@ def rank_device(device: str, w: World) -> str:
 
 def barrier(w: World) -> None:
     if w.distributed:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -72,8 +71,6 @@ def broadcast(w: World, obj: Any) -> Any:
     """Rank 0's `obj` on every rank (e.g. the outcome of something only rank 0 did)."""
     if not w.distributed:
         return obj
-    import torch.distributed as dist
-
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -83,8 +80,6 @@ def gather_to_main(w: World, part: dict) -> dict:
     """Every rank's dict merged on rank 0 (the other ranks get an empty one)."""
     if not w.distributed:
         return part
-    import torch.distributed as dist
-
     parts = [None] * w.size if w.main else None
     dist.gather_object(part, parts, dst=0)
     return {k: v for p in parts for k, v in p.items()} if w.main else {}
@@ -93,8 +88,6 @@ def gather_to_main(w: World, part: dict) -> dict:
 def broadcast_tensor(w: World, x: Tensor) -> Tensor:
     """Rank 0's tensor on every rank, in place (every rank passes one of the same shape and dtype)."""
     if w.distributed:
-        import torch.distributed as dist
-
         dist.broadcast(x, src=0)
     return x
 
@@ -116,7 +109,7 @@ def sharded_forward(module: torch.nn.Module, x: Tensor, w: World) -> Tensor:
     """
     if not w.distributed:
         return module(x)
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed.nn.functional import all_gather  # noqa: PLC0415  (autograd collectives: only under torchrun)
 
     n = len(x)
     shares = [split_rows(n, World(r, w.size)) for r in range(w.size)]
@@ -133,8 +126,6 @@ def average_gradients(params: list[Tensor], w: World) -> None:
     """Mean of every parameter's gradient over the ranks (what DDP's reducer does), in place."""
     if not w.distributed:
         return
-    import torch.distributed as dist
-
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
@@ -155,8 +146,6 @@ def on_main(w: World, fn: Callable[[], Any]) -> Any:
     """
     if not w.distributed:
         return fn()
-    from .errors import UserError
-
     outcome = None
     if w.main:
         try:
@@ -172,8 +161,6 @@ def on_main(w: World, fn: Callable[[], Any]) -> Any:
 @contextmanager
 def main_lock(target, what: str, w: World) -> Iterator[None]:
     """`files.exclusive_lock`, taken by rank 0 for the whole job; a refusal reaches every rank as the same error."""
-    from .files import exclusive_lock
-
     lock = exclusive_lock(target, what) if w.main else nullcontext()
     on_main(w, lock.__enter__)
     try:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import UserError
-from .files import safe_extract
+from .files import atomic_dir, check_name, safe_extract
 
 BEIR_URL_ENV = "JEPA_CACHE_BEIR_URL"
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets"
@@ -154,8 +154,6 @@ def download_beir(name: str, root: str | os.PathLike, log: Callable[[str], None]
     Lock-free: each process unpacks into its own temporary folder and renames it into place; a
     process that loses the race uses the winner's folder. A failed download leaves nothing behind.
     """
-    from .datasets import check_name
-
     check_name(name)
     root = Path(root)
     url = beir_url(name)
@@ -229,10 +227,7 @@ def download_hub_model(repo: str, dest: Path) -> Path:
     wanted = list(_wanted(files))
     if "modules.json" not in wanted and "config.json" not in wanted:
         raise UserError(f"{repo}: the hub repo is not a sentence-transformers or transformers model (no modules.json/config.json)")
-    staging = dest.with_name(f".{dest.name}.hub-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with atomic_dir(dest, tag="hub") as staging:
         root = staging.resolve()
         for name in wanted:
             target = staging / name
@@ -247,7 +242,4 @@ def download_hub_model(repo: str, dest: Path) -> Path:
                 size=meta.get("size") if isinstance(meta.get("size"), int) else None,
                 headers=_hub_headers(),
             )
-        os.replace(staging, dest)
-        return dest
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return dest

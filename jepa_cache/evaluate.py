@@ -30,12 +30,11 @@ from .config import EvalConfig
 from .datasets import BeirDataset, find_dataset, read_qrels
 from .errors import UserError
 from .files import atomic_path, atomic_write_bytes, atomic_write_json, check_writable, exclusive_lock
-from .metrics import score
+from .metrics import run_of_hits, score
 from .search import EXACT, _faiss, check_similarity, recall_vs_exact, top_k
 from .models import model_folder_name
-from .store import Store, default_store_path, now_iso, open_store, package_versions
+from .store import Store, check_dataset, default_store_path, now_iso, open_store, package_versions
 
-TOWERS = ("vanilla", "projection", "predictor")
 DEFAULT_RUNS_DIR = Path("runs/eval")
 BLOCK_BYTES = 2 << 30  # corpus held at once as float32; larger corpora are searched block by block
 
@@ -60,25 +59,6 @@ def _apply(fn: Callable, x: np.ndarray, *args) -> np.ndarray:
 
     with torch.inference_mode():
         return fn(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), *args).float().cpu().numpy()
-
-
-def _check_dataset(store: Store, dataset: BeirDataset) -> None:
-    """The store must hold the vectors of this dataset's corpus and queries, not another's."""
-    if store.dataset_name != dataset.name:
-        raise UserError(f"{store.path}: a store of dataset {store.dataset_name!r}, not {dataset.name!r}; pass that dataset's store")
-    recorded, current = store.provenance["dataset"].get("files", {}), dataset.file_hashes()
-    changed = [f for f in recorded if not f.startswith("qrels/") and f in current and recorded[f] != current[f]]
-    if changed:
-        raise UserError(f"{store.path}: made from other versions of {', '.join(changed)} than {dataset.root} holds; rebuild or re-import it")
-
-
-def _run_of(hits, query_ids: list[str], corpus_ids: list[str], k: int) -> dict[str, list[tuple[str, float]]]:
-    """Per query, its k best (doc id, score), dropping a hit whose id equals the query id (BEIR)."""
-    run: dict[str, list[tuple[str, float]]] = {}
-    for qid, rows, scores in zip(query_ids, hits.indices, hits.scores):
-        docs = [(corpus_ids[r], float(s)) for r, s in zip(rows, scores) if r >= 0 and corpus_ids[r] != qid]
-        run[qid] = docs[:k]
-    return run
 
 
 def _kept_rows(run: dict[str, list[tuple[str, float]]], row_of: dict[str, int]) -> np.ndarray:
@@ -152,7 +132,7 @@ def _prepare(dataset: BeirDataset, cfg: EvalConfig, heads: Any, corrections: Any
     if heads_dim is not None and heads_dim != store.dim:
         raise UserError(f"--heads {cfg.heads or 'heads'}: take {heads_dim}-d vectors, but {store.path} holds {store.dim}-d ones; "
                         "use heads trained on a store of this encoder")
-    _check_dataset(store, dataset)
+    check_dataset(store, dataset)
 
     doc_row, query_row = store.corpus.row_of, store.queries.row_of
     with_vector = sorted((q for q in qrels if q in query_row), key=query_row.get)
@@ -221,11 +201,11 @@ def _evaluate_one(prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, simi
 
         device = pick_device(cfg.device)
     hits = top_k(docs(), queries, cfg.k + 1, similarity, spec, params=cfg.faiss_params, device=device)
-    run = _run_of(hits, with_vector, corpus_ids, cfg.k)
+    run = run_of_hits(hits, with_vector, corpus_ids, cfg.k)
     recall, exact_s = None, None
     if spec not in EXACT:
         exact = top_k(docs(), queries, cfg.k + 1, similarity, "Flat")
-        recall = recall_vs_exact(_kept_rows(run, doc_row), _kept_rows(_run_of(exact, with_vector, corpus_ids, cfg.k), doc_row))
+        recall = recall_vs_exact(_kept_rows(run, doc_row), _kept_rows(run_of_hits(exact, with_vector, corpus_ids, cfg.k), doc_row))
         exact_s = exact.seconds
 
     t1 = time.perf_counter()
@@ -261,14 +241,17 @@ def _validate(cfg: EvalConfig, heads: Any) -> tuple[str, str]:
     if cfg.block_rows is not None and cfg.block_rows <= 0:
         raise UserError(f"--block-rows {cfg.block_rows}: must be a positive integer")
     tower = cfg.query_tower or (heads.config.query_tower if heads is not None else "vanilla")
-    if tower not in TOWERS:
-        raise UserError(f"--query-tower {tower!r}: choose one of {', '.join(TOWERS)}")
     if heads is None and tower != "vanilla":
-        raise UserError(f"--query-tower {tower}: needs --heads")
+        raise UserError(f"--query-tower {tower}: needs --heads (without them the only tower is vanilla)")
     if heads is not None and not heads.encoder_fingerprint:
         raise UserError(f"{cfg.heads or 'heads'}: record no encoder fingerprint, so no store can be checked against them; retrain them")
     if heads is not None and tower == "vanilla":
         raise UserError("--query-tower vanilla: with --heads the documents are projected; use projection or predictor, or drop --heads")
+    if heads is not None:
+        from .heads import TOWERS  # noqa: PLC0415  (torch: only evaluation with heads loads it)
+
+        if tower not in TOWERS:
+            raise UserError(f"--query-tower {tower!r}: choose one of {', '.join(TOWERS)} (or drop --heads for vanilla)")
     if cfg.index == "torch" or cfg.device != "auto":
         from .encoder import pick_device  # noqa: PLC0415  (torch)
 

@@ -17,13 +17,12 @@ package (the class comes from the installed jepa_cache; nothing in the folder is
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
-from .files import atomic_write_json
+from .files import atomic_dir, atomic_write_json
 from .heads import TOWERS, Heads, HeadsConfig, load_heads
 from .models import resolve_model, weights_sha256
 
@@ -139,22 +138,13 @@ def export(heads_path: str | os.PathLike, out: str | os.PathLike, model: str | N
         raise UserError(f"{folder}: {embedding_dim(encoder)}-d vectors, but the heads take {heads.config.input_dim}-d")
     st_model = to_sentence_transformer(encoder, heads, tower)
 
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    with atomic_dir(out, replace=True) as partial:  # the new folder appears whole, never half-written
         st_model.save(str(partial))
         atomic_write_json(partial / EXPORT_FILE, {
             "heads": str(heads_path), "heads_fingerprint": heads.fingerprint, "query_tower": tower, "similarity": heads.similarity,
             "encoder": str(name), "encoder_sha256": sha,
             "load": "SentenceTransformer(DIR, trust_remote_code=True) with jepa-cache installed (for jepa_cache.export.HeadModule)",
         })
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.replace(partial, out)  # the new folder appears whole, never half-written
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     log(f"exported {out}: {folder.name} + heads {heads.fingerprint[:8]} (queries: {tower}, {heads.similarity}); "
         "load with SentenceTransformer(DIR, trust_remote_code=True)")
     return out

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -86,6 +87,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, tag: str = "partial", replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder of `dest`, renamed to `dest` when the block ends: whole or not at all.
+
+    On an error the temporary folder is removed. `replace`: whatever is at `dest` is removed just
+    before the rename; otherwise only an empty folder may be there (the rename replaces it).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{tag}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if replace and dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        elif replace and dest.exists():
+            dest.unlink()
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(Path(path).read_text())
@@ -142,6 +166,16 @@ def safe_extract(archive: zipfile.ZipFile, dest: str | os.PathLike) -> None:
         if (info.external_attr >> 16) & 0o170000 == 0o120000:
             raise UserError(f"{archive.filename}: member {info.filename!r} is a symbolic link; refusing")
     archive.extractall(dest)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_name(name: str, what: str = "dataset") -> str:
+    """A dataset, recipe or strategy name that becomes a folder name: no paths, no `..`."""
+    if not _NAME.match(name):
+        raise UserError(f"{what} name {name!r} is not allowed: use letters, digits, '.', '_' and '-' (no paths)")
+    return name
 
 
 def is_url(path: str | os.PathLike) -> bool:

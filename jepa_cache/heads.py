@@ -1,33 +1,9 @@
-"""Retrieval heads on top of a frozen encoder: a projection and a JEPA predictor.
+"""Retrieval heads on top of a frozen encoder: a projection and a JEPA predictor, saved without pickle.
 
-Documents are retrieved by their projection; queries by the projection or by the predictor
-(which maps a query's projection to where its relevant documents lie). Heads save as
-`heads.safetensors` (weights) + `heads.json` (config, parameter counts, and the store and
-encoder fingerprints they were trained on); loading needs no pickle.
-
-Initialisation decides whether the heads can even match the frozen baseline at step 0:
-
-- `random`: PyTorch's default (what the study used). The projection starts far from the
-  encoder's geometry and with outputs ~0.02 in scale.
-- `orthogonal`: a random orthonormal map. Inner products are kept up to the discarded
-  dimensions (all of them when output_dim == input_dim).
-- `pca`: the top principal directions of the training documents' vectors (uncentred, because
-  retrieval scores are uncentred inner products), which keeps as much of the documents'
-  geometry as output_dim allows.
-- `identity`: the identity (output_dim == input_dim only): step 0 *is* vanilla retrieval.
-
-The `adapter` projection is `scale · (x + W x + b)` with W (full, or low rank `B A` when
-`rank` > 0) and b zero-initialised: it starts *exactly* at the identity (vanilla retrieval),
-AdamW's weight decay pulls it back towards the identity (not towards the zero map, as it does
-for a `linear` projection), and every update is on the scale of x itself. `scale` is a fixed
-buffer (about unit mean squared output coordinate, SIGReg's scale, rounded to a power of two so
-that step 0 is bit-exactly vanilla after normalisation), which changes no ranking.
-
-The three structured inits also scale the map so that the projected vectors have a mean
-squared coordinate of 1, which is the scale SIGReg's N(0, I) target asks for; a uniform scale
-changes neither cosine nor L2 rankings. Their bias starts at zero. A `residual` predictor (and
-the `residual` projection's MLP branch) zero-initialises its last layer, so it starts as the
-identity (resp. as the plain linear map).
+Documents are retrieved by their projection; queries by the projection or by the predictor (which maps
+a query's projection to where its relevant documents lie). Heads save as `heads.safetensors` +
+`heads.json` (config, parameter counts, the store and encoder fingerprints they were trained on).
+Why each init and the adapter are shaped so: pipelines/ABLATION.md, "Design notes".
 """
 
 from __future__ import annotations
@@ -41,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import UserError
 from .files import atomic_path, atomic_write_json, read_json, sha256_file
+from .search import SIMILARITIES
 
 FORMAT = "jepa-cache/heads"
 FORMAT_VERSION = 1
@@ -53,7 +31,6 @@ META_FILE = "heads.json"
 PROJECTIONS = ("linear", "residual", "mlp", "adapter")
 PREDICTORS = ("residual", "mlp", "none")
 INITS = ("pca", "orthogonal", "identity", "random")
-SIMILARITIES = ("cos", "l2")
 TOWERS = ("projection", "predictor")
 
 
@@ -297,8 +274,6 @@ def save_heads(heads: Heads, folder: str | os.PathLike, meta: dict[str, Any] | N
     weights' sha256: at every instant, a `heads.json` that exists describes complete weights that
     match it. A crash mid-save leaves no heads (the old ones were being replaced), never a mix.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     heads.meta = {**heads.meta, **(meta or {})}
@@ -324,8 +299,6 @@ def load_heads(path: str | os.PathLike, device: torch.device | str = "cpu") -> H
     The store and encoder fingerprints are in `heads.meta["store"]`; `heads.encoder_fingerprint`
     is what `open_store(expect_encoder=...)` wants.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     record = read_json(folder / META_FILE)

@@ -26,7 +26,8 @@ from .datasets import CORPUS_TEMPLATE, QUERY_TEMPLATE, find_dataset, read_ids
 from .errors import UserError
 from .files import check_writable, exclusive_lock, read_json, sha256_file
 from .models import canonical_name, model_folder_name, resolve_model, weights_sha256
-from .store import DTYPES, SECTIONS, Store, StoreWriter, default_store_path, open_store
+from .store import DTYPES, SECTIONS, Store, default_store_path, open_store
+from .store_writer import StoreWriter
 
 # A unit vector stored in float16 keeps its norm within ~1e-4; 1e-3 flags vectors that were never normalised.
 NORM_TOL = 1e-3
@@ -261,6 +262,37 @@ def _row_order(vec: Vectors, dataset_ids: list[str], dataset_file: Path, complet
     return [i for i in dataset_ids if i in have]
 
 
+def _write(out: Path, cfg: ImportConfig, provenance: dict, inputs: dict, order: dict[str, list[str]],
+           log: Callable[[str], None]) -> tuple[Store, bool]:
+    """Write the vectors in dataset order, shard by shard (resuming an unfinished import of the same files).
+
+    Returns the store and whether anything was written (False: already imported from these files).
+    """
+    record = provenance["import"]
+    with exclusive_lock(out, "import"):
+        if (out / "zarr.json").is_file() and not cfg.overwrite:
+            existing = open_store(out, require_complete=False)
+            same = {k: v["sha256"] for k, v in existing.provenance.get("import", {}).get("files", {}).items()} == \
+                {k: v["sha256"] for k, v in record["files"].items()}
+            if not same:
+                raise UserError(f"{out}: holds a store made from other vectors; choose another --out, or pass --overwrite to replace it")
+            if existing.complete:
+                log(f"{out}: already imported from these files; nothing to do")
+                return existing, False
+        writer = StoreWriter.open_or_create(out, provenance, order, overwrite=cfg.overwrite)
+        for s in SECTIONS:
+            vec = inputs[s]
+            row_of = {doc_id: i for i, doc_id in enumerate(vec.ids)}
+            source_rows = np.fromiter((row_of[i] for i in order[s]), dtype=np.int64, count=len(order[s]))
+            for index, start, stop in writer.missing_shards(s):
+                block = np.asarray(vec.data[source_rows[start:stop]], dtype=np.float32)
+                norms = np.linalg.norm(block, axis=1, keepdims=True)
+                if cfg.normalize:
+                    block = np.where(np.abs(norms - 1) > NORM_TOL, block / norms, block)
+                writer.write_shard(s, index, block)
+        return writer.finalize(), True
+
+
 def import_vectors(cfg: ImportConfig, log: Callable[[str], None] = print) -> Store:
     """Validate precomputed vectors against the dataset, then write them as a complete store.
 
@@ -313,28 +345,9 @@ def import_vectors(cfg: ImportConfig, log: Callable[[str], None] = print) -> Sto
         "layout": {"shard_rows": cfg.shard_rows, "chunk_rows": cfg.chunk_rows},
         "import": record,
     }
-    with exclusive_lock(out, "import"):
-        if (out / "zarr.json").is_file() and not cfg.overwrite:
-            existing = open_store(out, require_complete=False)
-            same = {k: v["sha256"] for k, v in existing.provenance.get("import", {}).get("files", {}).items()} == \
-                {k: v["sha256"] for k, v in record["files"].items()}
-            if not same:
-                raise UserError(f"{out}: holds a store made from other vectors; choose another --out, or pass --overwrite to replace it")
-            if existing.complete:
-                log(f"{out}: already imported from these files; nothing to do")
-                return existing
-        writer = StoreWriter.open_or_create(out, provenance, order, overwrite=cfg.overwrite)
-        for s in SECTIONS:
-            vec = inputs[s]
-            row_of = {doc_id: i for i, doc_id in enumerate(vec.ids)}
-            source_rows = np.fromiter((row_of[i] for i in order[s]), dtype=np.int64, count=len(order[s]))
-            for index, start, stop in writer.missing_shards(s):
-                block = np.asarray(vec.data[source_rows[start:stop]], dtype=np.float32)
-                norms = np.linalg.norm(block, axis=1, keepdims=True)
-                if cfg.normalize:
-                    block = np.where(np.abs(norms - 1) > NORM_TOL, block / norms, block)
-                writer.write_shard(s, index, block)
-        store = writer.finalize()
+    store, written = _write(out, cfg, provenance, inputs, order, log)
+    if not written:
+        return store
     log(f"{out}: imported {store.corpus.rows} docs + {store.queries.rows} queries, {dim}-d {cfg.dtype}, "
         f"encoder {encoder['name']} ({'weights ' + encoder['weights_sha256'][:12] if encoder['weights_sha256'] else 'declared, weights unknown'})")
     return store

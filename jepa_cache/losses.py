@@ -1,22 +1,16 @@
 """The JEPA retrieval loss and its terms: pure functions of tensors, plus one module that combines them.
 
-Every function takes embeddings (never text, never a model) and returns a tensor, so the cached
-and the live training loops compute exactly the same thing. The combined `JEPASIGRegLoss`
-returns `(loss, parts)` where `parts` holds each *weighted* term: they sum to `loss`.
-
-SIGReg and the batch size. The Epps–Pulley statistic of LeJEPA is
-`N · ∫ |φ̂(t) − e^{−t²/2}|² w(t) dt`; for truly Gaussian samples its expectation is about 1.05
-whatever N is, but for any non-Gaussian batch it grows linearly with N (≈0.4·N for unit-norm
-512-d vectors). A weight λ on the raw statistic would therefore mean something different at
-batch 16 and at batch 1024. `JEPASIGRegLoss` uses the statistic divided by N (the weighted
-squared distance between the empirical and the Gaussian characteristic functions), which
-estimates a population quantity: λ_isotropy means the same at any batch size. The raw
-statistic stays available as `sigreg(...)` for measurement.
+Every function takes embeddings (never text, never a model), so cached and live training compute the
+same thing. `JEPASIGRegLoss` returns `(loss, parts)`, each part a *weighted* term (they sum to `loss`);
+its SIGReg term is the Epps-Pulley statistic / N, so λ means the same at any batch size
+(pipelines/ABLATION.md, "Design notes").
 """
 
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -336,22 +330,17 @@ class JEPASIGRegLoss(nn.Module):
         return loss, {k: v.detach() for k, v in parts.items()}
 
 
-def effective_rank(x: Tensor) -> float:
-    """exp(entropy) of the normalised eigenvalues of the (centred) covariance: 1 for a line, D for isotropy.
-
-    Shape:
-        x: [N, D]; returns a float
-    """
-    x = x.double()
-    eig = torch.linalg.eigvalsh(torch.cov(x.T)).clamp_min(0)
+def effective_rank(eig: np.ndarray) -> float:
+    """exp(entropy) of a normalised eigenvalue spectrum: 1 (collapsed onto a line) .. D (isotropic)."""
     p = eig / eig.sum()
-    return float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 def isotropy_stats(x: Tensor, directions: int = 1024, seed: int = 0) -> dict[str, float]:
     """How isotropic retrieval vectors are, as the index sees them (L2-normalised rows).
 
-    - `effective_rank`: of the covariance (see `effective_rank`); D for an isotropic cloud.
+    - `effective_rank`: of the covariance's eigenvalues (see `effective_rank`); D for an isotropic cloud.
     - `sigreg`: the Epps-Pulley statistic / N of the rows scaled by sqrt(D) (unit-sphere
       vectors times sqrt(D) are close to N(0, I) when isotropic): near 1.05/N for a Gaussian-like
       cloud, up to ~0.4 for a collapsed one; comparable across sizes.
@@ -366,7 +355,8 @@ def isotropy_stats(x: Tensor, directions: int = 1024, seed: int = 0) -> dict[str
     stat = sigreg(z * math.sqrt(d), random_directions(d, directions, seed, z.device)) / n
     second = torch.linalg.eigvalsh((z.T.double() @ z.double()) / n)
     mean = z.mean(0)
-    return {"effective_rank": effective_rank(z), "sigreg": float(stat), "top1_share": float(second[-1] / second.sum()),
+    covariance = torch.linalg.eigvalsh(torch.cov(z.T.double())).clamp_min(0).cpu().numpy()
+    return {"effective_rank": effective_rank(covariance), "sigreg": float(stat), "top1_share": float(second[-1] / second.sum()),
             "mean_cos": float((n * mean.square().sum() - 1) / (n - 1))}
 
 

@@ -21,6 +21,19 @@ def truncate(run: Run, depth: int) -> dict[str, dict[str, float]]:
     return {qid: dict(sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:depth]) for qid, docs in run.items()}
 
 
+def run_of_hits(hits, query_ids: list[str], corpus_ids: list[str], k: int) -> dict[str, list[tuple[str, float]]]:
+    """Per query, its k best (doc id, score) from top-k `hits` (`.indices`, `.scores`; -1: no hit).
+
+    A hit whose id equals the query id is dropped, as BEIR does (ArguAna's queries are corpus
+    documents): retrieve k + 1 so that k remain.
+    """
+    run: dict[str, list[tuple[str, float]]] = {}
+    for qid, rows, scores in zip(query_ids, hits.indices, hits.scores):
+        docs = [(corpus_ids[r], float(s)) for r, s in zip(rows, scores) if r >= 0 and corpus_ids[r] != qid]
+        run[qid] = docs[:k]
+    return run
+
+
 def measure_names(ndcg_at: int = 10, recall_at: int = 100, mrr_at: int = 10) -> list[str]:
     return [f"ndcg@{ndcg_at}", f"recall@{recall_at}", f"mrr@{mrr_at}"]
 

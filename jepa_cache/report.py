@@ -50,13 +50,6 @@ def paired_delta(a: Sequence[float], b: Sequence[float], samples: int = 10_000, 
     return PairedDelta(float(diff.mean()), float(low), float(high), float(p))
 
 
-def effective_rank(eig: np.ndarray) -> float:
-    """exp(entropy) of a normalised eigenvalue spectrum: 1 (collapsed) .. dim (isotropic)."""
-    p = eig / eig.sum()
-    p = p[p > 0]
-    return float(np.exp(-(p * np.log(p)).sum()))
-
-
 def eigen_spectrum(x: np.ndarray) -> np.ndarray:
     """Eigenvalues of the covariance of the rows of x, largest first."""
     x = np.asarray(x, dtype=np.float64)
@@ -158,6 +151,7 @@ def _spectra(train_store, heads: dict[str, tuple[str, str]]) -> tuple[dict[str, 
     import torch
 
     from .heads import load_heads
+    from .losses import effective_rank
     from .store import open_store
 
     rows = np.arange(min(train_store.corpus.rows, 4000))

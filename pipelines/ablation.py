@@ -103,7 +103,8 @@ def dev_set(train_ds: str):
     import torch
 
     from jepa_cache.config import TrainConfig
-    from jepa_cache.train import DevSet, load_pairs
+    from jepa_cache.loop import DevSet
+    from jepa_cache.pairs import load_pairs
 
     store = ensure_store(train_ds)
     _, dev_pairs = load_pairs(TrainConfig(store=str(store.path), dataset=train_ds), store).hold_out(0.2)
@@ -206,7 +207,8 @@ def posthoc(train_ds: str, name: str, seed: int, dev) -> dict:
 
     from jepa_cache.config import TrainConfig
     from jepa_cache.heads import load_heads
-    from jepa_cache.train import build_heads, interpolate_heads, resolve_config
+    from jepa_cache.loop import interpolate_heads
+    from jepa_cache.train import build_heads, resolve_config
 
     folder = OUT / train_ds / f"{name}-s{seed}"
     cache = folder / "posthoc.json"

@@ -25,7 +25,8 @@ from jepa_cache.config import EvalConfig, ImportConfig
 from jepa_cache.evaluate import evaluate
 from jepa_cache.files import atomic_write_json
 from jepa_cache.importer import import_vectors
-from jepa_cache.store import StoreWriter, open_store
+from jepa_cache.store import open_store
+from jepa_cache.store_writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

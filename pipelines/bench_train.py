@@ -2,7 +2,7 @@
 
 For each dataset (SciFact train: 919 pairs, NFCorpus train: 110k pairs) it times one epoch of
 `train-heads` on a store holding the shared reference vectors (imported here, float32), then
-runs the live reference loop (`--live`, all-mpnet-base-v2 encoding every batch's texts) on a
+runs the live reference loop (`train-live --strategy frozen-live`, all-mpnet-base-v2 encoding every batch's texts) on a
 fixed seeded subset of pairs, and the cached loop on that same subset with the same seed, and
 prints the time per pair of each, their ratio, and how far the two loss trajectories differ.
 
@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from jepa_cache.config import TrainConfig
+from jepa_cache.config import LiveConfig, TrainConfig
 from jepa_cache.errors import UserError
 from jepa_cache.models import DEFAULT_MODEL, resolve_model, weights_sha256
-from jepa_cache.store import StoreWriter, open_store
+from jepa_cache.store import open_store
+from jepa_cache.store_writer import StoreWriter
+from jepa_cache.live import train_live
 from jepa_cache.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,10 +60,10 @@ def reference_store(name: str, reference: Path, out: Path, encoder_sha: str) -> 
     return out
 
 
-def run(cfg: TrainConfig):
-    """Train quietly; returns the result and the CPU seconds the whole call used (all threads)."""
+def run(cfg: TrainConfig | LiveConfig):
+    """Train quietly (cached, or frozen-live for a LiveConfig); returns the result and the CPU seconds the call used."""
     cpu = time.process_time()
-    result = train(cfg, log=lambda s: None)
+    result = train_live(cfg, log=lambda s: None) if isinstance(cfg, LiveConfig) else train(cfg, log=lambda s: None)
     return result, time.process_time() - cpu
 
 
@@ -105,7 +107,8 @@ def main() -> None:
     common = dict(store=str(stores[name]), dataset=name, data_dir=str(args.data_dir), preset=args.preset, epochs=1,
                   max_pairs=args.live_pairs, batch_size=args.live_batch_size, device=args.device, overwrite=True)
     t0 = time.perf_counter()
-    live, live_cpu = run(TrainConfig(**common, live=True, model=str(folder), out=str(args.work / f"heads-{name}-live")))
+    live, live_cpu = run(LiveConfig(TrainConfig(**common, out=str(args.work / f"heads-{name}-live")), strategy="frozen-live",
+                                    model=str(folder)))
     live_wall = time.perf_counter() - t0
     cached, _ = run(TrainConfig(**common, out=str(args.work / f"heads-{name}-subset")))
     n = live.heads.meta["training"]["pairs"]

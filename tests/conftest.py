@@ -97,7 +97,7 @@ def write_store(path: Path, corpus: np.ndarray, queries: np.ndarray, doc_ids=Non
                 dataset: str = "synthetic", encoder: str = "synthetic-encoder", dtype: str = "float32",
                 shard_rows: int = 64):
     """A complete store holding exactly the given vectors (for stage-2/3 tests without an encoder)."""
-    from jepa_cache.store import StoreWriter
+    from jepa_cache.store_writer import StoreWriter
 
     doc_ids = doc_ids or [f"d{i}" for i in range(len(corpus))]
     query_ids = query_ids or [f"q{i}" for i in range(len(queries))]
@@ -157,7 +157,8 @@ def cli(capsys, monkeypatch):
 
 def assert_same_store(path: Path, reference: Path) -> None:
     """Two stores hold the same ids, vectors and shard checksums; the first verifies clean and has no leftovers."""
-    from jepa_cache.store import open_store, verify_store
+    from jepa_cache.store import open_store
+    from jepa_cache.store_writer import verify_store
 
     got, ref = open_store(path), open_store(reference)
     for section in ("corpus", "queries"):

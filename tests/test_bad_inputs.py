@@ -153,7 +153,8 @@ def _train(w: World, *extra: str, store: Path | None = None) -> list[str]:
 
 def _incomplete_store(w: World) -> Path:
     """A store whose writer died after its first shard: created, never finalised."""
-    from jepa_cache.store import StoreWriter, open_store
+    from jepa_cache.store import open_store
+    from jepa_cache.store_writer import StoreWriter
 
     done = open_store(w.store)
     provenance = {k: done.provenance[k] for k in ("source", "encoder", "dataset", "template", "dim", "dtype", "layout")}
@@ -328,6 +329,11 @@ CASES = [
     Case("--device cuda without CUDA at train-heads", lambda w: (_needs_no_cuda(), _train(w)[:-2] + ["--device", "cuda"])[1],
          r"--device cuda: CUDA is not available on this machine; use --device cpu"),
     Case("malformed --device", lambda w: _train(w)[:-2] + ["--device", "gpu0"], r"--device 'gpu0': use auto, cpu, cuda or cuda:N"),
+    Case("training on the split eval scores", lambda w: _train(w, "--train-split", "test"),
+         r"--train-split test: that is the split eval scores, .*training queries; .*--allow-test-training"),
+    Case("training through the encoder on the split eval scores",
+         lambda w: ["train-live", "--strategy", "full", "--store", str(w.store), "--train-split", "test", "--out", w.out()],
+         r"--train-split test: that is the split eval scores"),
     # --- recipes ---
     Case("recipe that is not TOML", lambda w: ["run", _recipe(w, "name = [unclosed\n"), "--runs-dir", w.out()], r"recipe\.toml: not valid TOML"),
     Case("recipe with an unknown strategy", lambda w: ["run", _recipe(w, GOOD_RECIPE.replace('name = "vanilla"', 'kind = "magic"')), "--runs-dir", w.out()],
@@ -349,6 +355,9 @@ CASES = [
          r"recipe\.toml: strategies\[0\] \(frozen-predictor\): --batch-size -4: must be positive"),
     Case("recipe strategy with a misspelt key", lambda w: ["run", _recipe(w, GOOD_RECIPE + "seed = [1]\n"), "--runs-dir", w.out()],
          r"recipe\.toml: strategies\[0\]: unknown key\(s\) seed; known: "),
+    Case("recipe that trains on the split it scores",
+         lambda w: ["run", _recipe(w, GOOD_RECIPE.replace('dataset = "tiny"', 'dataset = "tiny"\nsplit = "test"')), "--runs-dir", w.out()],
+         r"recipe\.toml: train\.split = 'test' is the split eval scores on tiny, .*allow_test_training = true under \[train\]"),
     Case("recipe that does not exist", lambda w: ["run", str(w.root / "absent.toml")], r"absent\.toml: recipe not found"),
     # --- outputs ---
     Case("eval --out inside a file", lambda w: ((w.root / "a-file").write_text("x"), _eval(w)[:-2] + ["--out", str(w.root / "a-file" / "o")])[1],
@@ -443,7 +452,8 @@ def test_disk_full_during_eval_leaves_no_partial_results(world, cli, monkeypatch
 
 
 def test_disk_full_during_import_leaves_a_store_readers_refuse(world, cli, monkeypatch):
-    from jepa_cache.store import StoreWriter, open_store
+    from jepa_cache.store import open_store
+    from jepa_cache.store_writer import StoreWriter
 
     real = StoreWriter.write_shard
     calls = {"n": 0}

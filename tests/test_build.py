@@ -18,7 +18,8 @@ from jepa_cache.build import build
 from jepa_cache.config import BuildConfig
 from jepa_cache.datasets import BeirDataset, read_corpus, read_queries
 from jepa_cache.errors import UserError
-from jepa_cache.store import StoreWriter, open_store, verify_store
+from jepa_cache.store import open_store
+from jepa_cache.store_writer import StoreWriter, verify_store
 
 
 def quiet(_: str) -> None:

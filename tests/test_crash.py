@@ -26,7 +26,8 @@ from conftest import assert_same_store, write_beir
 from jepa_cache.build import build
 from jepa_cache.config import BuildConfig
 from jepa_cache.errors import UserError
-from jepa_cache.store import open_store, verify_store
+from jepa_cache.store import open_store
+from jepa_cache.store_writer import verify_store
 
 PRELOAD = ["jepa_cache.cli", "jepa_cache.build", "jepa_cache.encoder", "jepa_cache.store", "sentence_transformers", "zarr"]
 

@@ -19,7 +19,10 @@ from jepa_cache.build import build
 from jepa_cache.config import BuildConfig, TrainConfig
 from jepa_cache.distributed import World, split_rows
 from jepa_cache.heads import load_heads
-from jepa_cache.store import StoreWriter, open_store
+from jepa_cache.store import open_store
+from jepa_cache.store_writer import StoreWriter
+import jepa_cache.train as train_module
+from jepa_cache.loop import fit
 from jepa_cache.train import train
 
 QUIET = dict(log=lambda s: None)
@@ -86,19 +89,33 @@ def test_a_refusal_on_rank_0_reaches_every_rank(data, tiny_model, tmp_path):
 
 @pytest.mark.parametrize("preset,extra", [
     ("best", ["--epochs", "2"]),  # corpus negatives, dev slice and refit
-    ("best", ["--epochs", "1", "--negatives", "mined", "--mine-k", "3"]),  # negatives mined on rank 0, sent to the others
+    # negatives mined on rank 0, sent to the others; the last epoch kept (dev would keep epoch 0, the identity)
+    ("best", ["--epochs", "1", "--negatives", "mined", "--mine-k", "3", "--select", "last", "--no-refit"]),
     ("jepa", ["--dropout", "0", "--output-dim", "16", "--batch-size", "7"]),  # predictor, in-batch negatives, uneven shares
 ])
-def test_two_rank_train_heads_equals_one_process_on_the_same_global_batch(data, tiny_model, tmp_path, preset, extra):
+def test_two_rank_train_heads_equals_one_process_on_the_same_global_batch(data, tiny_model, tmp_path, preset, extra,
+                                                                          monkeypatch):
     store = tmp_path / "store"
     build(BuildConfig(dataset=str(data), model=str(tiny_model), out=str(store), dtype="float32", device="cpu"), **QUIET)
     args = ["--store", str(store), "--dataset", str(data), "--preset", preset, "--device", "cpu", "--seed", "3", *extra]
     torchrun("train-heads", *args, "--out", str(tmp_path / "two"))
-    opts = {a.lstrip("-").replace("-", "_"): b for a, b in zip(args[::2], args[1::2])}
+    flags = {"--no-refit": ("refit", False)}
+    values = [a for a in args if a not in flags]
+    opts = {a.lstrip("-").replace("-", "_"): b for a, b in zip(values[::2], values[1::2])}
     typed = {k: (float(v) if k == "dropout" else int(v) if v.isdigit() else v) for k, v in opts.items()}
+    typed.update(flags[a] for a in args if a in flags)
+    initial = []  # the heads as each fit starts: the saved ones must have moved from the last fit's start
+
+    def spy(heads, *a, **kw):
+        initial.append({k: v.detach().clone() for k, v in heads.state_dict().items()})
+        return fit(heads, *a, **kw)
+
+    monkeypatch.setattr(train_module, "fit", spy)
     train(TrainConfig(**typed, out=str(tmp_path / "one")), **QUIET)
     one, two = load_heads(tmp_path / "one").state_dict(), load_heads(tmp_path / "two").state_dict()
     assert one.keys() == two.keys()
+    moved = max(float((one[k] - initial[-1][k]).abs().max()) for k in one if one[k].is_floating_point())
+    assert moved > 10 * 1e-5, f"the heads compared barely left their initial weights (moved {moved})"
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
     assert load_heads(tmp_path / "two").meta["training"]["ranks"] == 2

@@ -222,7 +222,7 @@ def test_cli_train_live(tiny, tmp_path):
     data, store = tiny
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, ["train-live", "--strategy", "full", "--store", str(store.path), "--dataset", str(data),
-                                      "--out", str(out), "--max-train-pairs", "6", "--output-dim", "8", "--batch-size", "3",
+                                      "--out", str(out), "--max-pairs", "6", "--output-dim", "8", "--batch-size", "3",
                                       "--epochs", "1", "--no-dropout", "--gradient-checkpointing", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "live.json").read_text())

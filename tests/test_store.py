@@ -13,7 +13,8 @@ import pytest
 
 from conftest import write_store
 from jepa_cache.errors import UserError
-from jepa_cache.store import StoreWriter, identity, open_store, verify_store
+from jepa_cache.store import identity, open_store
+from jepa_cache.store_writer import StoreWriter, verify_store
 
 
 @pytest.fixture

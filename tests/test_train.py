@@ -1,5 +1,6 @@
 """Stage 2 on synthetic and tiny stores: outputs, determinism, gradients, failure modes, cached == live."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,18 +14,14 @@ from jepa_cache.config import TrainConfig
 from jepa_cache.errors import UserError
 from jepa_cache.heads import load_heads
 from jepa_cache.losses import JEPASIGRegLoss
-from jepa_cache.train import (
-    PRESETS,
-    CachedSource,
-    PairIndex,
-    Pairs,
-    build_criterion,
-    build_heads,
-    fit,
-    mine_negatives,
-    resolve_config,
-    train,
-)
+from jepa_cache.distributed import World
+from jepa_cache.config import DataConfig, LiveConfig, LossConfig, OptimConfig
+from jepa_cache.live import resolve_live, train_live
+from jepa_cache.loop import fit
+from jepa_cache.pairs import PairIndex, Pairs, mine_negatives
+from jepa_cache.presets import PRESETS
+from jepa_cache.sources import CachedSource
+from jepa_cache.train import build_criterion, build_heads, resolve_config, train
 
 QUIET = dict(log=lambda s: None)
 
@@ -91,14 +88,15 @@ def test_only_head_parameters_receive_gradients(tiny_store):
     before = {k: v.clone() for k, v in heads.state_dict().items()}
     source = CachedSource(queries, docs)
     z = heads(torch.cat([source.queries(index.q), source.documents(index.d)]))
-    loss, _ = build_criterion(cfg)(z[:4], z[4:], None, heads.predictor(z[:4]), positive_mask=index.positive_mask(index.q, index.d), step=0)
+    loss, _ = build_criterion(cfg.group(LossConfig), cfg.seed)(z[:4], z[4:], None, heads.predictor(z[:4]), positive_mask=index.positive_mask(index.q, index.d), step=0)
     loss.backward()
     assert all(p.grad is not None for p in heads.parameters())
     # (the residual predictor's inner layer gets zero gradient at step 0: its output layer starts at zero)
     assert heads.projection.weight.grad.abs().sum() > 0 and heads.predictor.branch[-1].weight.grad.abs().sum() > 0
     assert queries.grad is None and docs.grad is None and not queries.requires_grad
     optimizer = torch.optim.AdamW(heads.parameters(), lr=1e-3)
-    fit(heads, build_criterion(cfg), source, index, optimizer, epochs=2, batch_size=2, seed=0, log=lambda s: None)
+    fit(heads, build_criterion(cfg.group(LossConfig), 0), source, index, optimizer,
+        dataclasses.replace(cfg.group(OptimConfig), epochs=2, batch_size=2), cfg.group(DataConfig), seed=0, log=lambda s: None)
     assert torch.equal(queries, kept[0]) and torch.equal(docs, kept[1])
     assert any(not torch.equal(v, before[k]) for k, v in heads.state_dict().items())
 
@@ -220,7 +218,8 @@ def test_cached_and_live_loops_give_the_same_trajectory(preset, tiny_model, tiny
     common = dict(store=str(store.path), dataset=str(tiny_beir), preset=preset, output_dim=16, batch_size=4, epochs=7,
                   device="cpu", seed=3)
     cached = train(TrainConfig(**common, out=str(tmp_path / "cached")), **QUIET)
-    live = train(TrainConfig(**common, out=str(tmp_path / "live"), live=True, model=str(tiny_model), encode_batch_size=3), **QUIET)
+    live = train_live(LiveConfig(TrainConfig(**common, out=str(tmp_path / "live")), strategy="frozen-live",
+                                 model=str(tiny_model), encode_batch_size=3), **QUIET)
     assert len(cached.history) == len(live.history) >= 20
     assert live.history[0]["loss"] == pytest.approx(cached.history[0]["loss"], abs=1e-6)
     for a, b in zip(cached.history, live.history):
@@ -256,6 +255,30 @@ def test_corpus_negatives_mask_every_other_positive_and_match_a_full_softmax():
     for i, target in enumerate(bd.tolist()):
         keep = [j for j in range(6) if j == target or not mask[i, j]]
         expected.append(torch.logsumexp(logits[i, keep], 0) - logits[i, target])
+    assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+
+
+def test_corpus_negatives_count_each_document_once_in_the_denominator():
+    """The loop's loss with the whole corpus as negatives equals a softmax over the corpus, each document once.
+
+    The batch's documents are in the corpus too: (q1, d4) and (q2, d0) put d0 before q1's corpus and d4 before
+    q2's, where a mask of positives alone would leave them twice.
+    """
+    from jepa_cache.loop import _candidates, _loss
+
+    pairs = Pairs(np.array([0, 0, 1, 2]), np.array([1, 4, 4, 0]), None, "test")
+    index = PairIndex.build(pairs, torch.device("cpu"), corpus_rows=6)
+    gen = torch.Generator().manual_seed(0)
+    zq, zc = torch.randn(3, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    cfg = resolve_config(TrainConfig(store="", preset="best", output_dim=8))
+    heads = build_heads(cfg, 8, zc)  # the identity adapter: a uniform scale, the same cosines
+    criterion = JEPASIGRegLoss(0.0, 1.0, 0.0, temperature=0.1)
+    batch = torch.tensor([2, 3])
+    cand, extra = _candidates(index, cfg.group(DataConfig), batch, None, gen)
+    assert cand.tolist() == [4, 0] and extra.tolist() == list(range(6))
+    loss, _ = _loss(heads, criterion, CachedSource(zq, zc), index, index.q[batch], cand, extra, 0, World())
+    logits = F.normalize(zq, dim=1) @ F.normalize(zc, dim=1).T / 0.1
+    expected = [torch.logsumexp(logits[q], 0) - logits[q, d] for q, d in ((1, 4), (2, 0))]  # q1, q2: one positive each
     assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
 
 
@@ -323,8 +346,11 @@ def test_select_dev_restores_the_best_epoch_even_the_initial_heads(tiny_store):
             states.append({k: v.clone() for k, v in h.state_dict().items()})
             return next(it)
 
-        result = fit(heads, build_criterion(cfg), source, index, torch.optim.AdamW(heads.parameters(), lr=1e-2),
-                     epochs=3, batch_size=4, seed=0, dev=dev, select="dev", sampling="queries", log=lambda s: None)
+        result = fit(heads, build_criterion(cfg.group(LossConfig), 0), source, index,
+                     torch.optim.AdamW(heads.parameters(), lr=1e-2),
+                     dataclasses.replace(cfg.group(OptimConfig), epochs=3, batch_size=4, warmup=0.0, grad_clip=0.0),
+                     dataclasses.replace(cfg.group(DataConfig), negatives="batch", sampling="queries"),
+                     seed=0, dev=dev, select="dev", log=lambda s: None)
         assert result.dev == scores and result.best_epoch == kept
         assert all(torch.equal(v, states[kept][k]) for k, v in heads.state_dict().items())
         assert not all(torch.equal(v, states[-1][k]) for k, v in heads.state_dict().items())
@@ -378,10 +404,12 @@ def test_best_preset_trains_with_a_dev_slice_and_refits(tiny_store, tiny_beir, t
 def test_new_options_are_checked():
     for kw, message in ((dict(negatives="all"), "--negatives"), (dict(sampling="query"), "--sampling"),
                         (dict(select="dev", dev_fraction=0.0), "dev slice"), (dict(refit=True, select="last"), "--refit"),
-                        (dict(dev_fraction=1.0), "--dev-fraction"), (dict(live=True, negatives="corpus"), "cached training only"),
+                        (dict(dev_fraction=1.0), "--dev-fraction"), 
                         (dict(corpus_negatives=-1), "--corpus-negatives")):
         with pytest.raises(UserError, match=message):
             resolve_config(TrainConfig(store="", preset="best", **kw))
+    with pytest.raises(UserError, match="cached training only"):
+        resolve_live(LiveConfig(TrainConfig(store="", preset="best"), strategy="frozen-live"))
     with_predictor = resolve_config(TrainConfig(store="", preset="best", strategy="frozen-predictor"))  # best + the JEPA predictor
     assert (with_predictor.predictor, with_predictor.lambda_predictive, with_predictor.query_tower) == ("residual", 0.5, "projection")
     alone = resolve_config(TrainConfig(store="", preset="best"))
@@ -433,3 +461,23 @@ def test_help_shows_every_presets_value():
     assert result.exit_code == 0
     text = " ".join(result.output.replace("│", " ").split())
     assert "(best: 0, jepa: 512, study: 512)" in text and "(every preset: 0.1)" in text
+
+
+def test_training_on_the_scored_split_needs_allow_test_training(tmp_path):
+    from jepa_cache.pipeline import load_recipe
+
+    with pytest.raises(UserError, match="--train-split test: that is the split eval scores"):
+        resolve_config(TrainConfig(store="", train_split="test"))
+    assert resolve_config(TrainConfig(store="", train_split="test", allow_test_training=True)).train_split == "test"
+    assert resolve_config(TrainConfig(store="", train_split="test", pairs="p.jsonl")).pairs  # a pairs file: no split used
+    recipe = tmp_path / "r.toml"
+    body = 'name = "r"\n[train]\ndataset = "scifact"\nsplit = "test"\n{allow}[eval]\ndatasets = {datasets}\n' \
+           '[[strategies]]\nname = "vanilla"\n'
+    recipe.write_text(body.format(allow="", datasets='["nfcorpus", "scifact"]'))
+    with pytest.raises(UserError, match="train.split = 'test' is the split eval scores on scifact"):
+        load_recipe(recipe)
+    recipe.write_text(body.format(allow="allow_test_training = true\n", datasets='["nfcorpus", "scifact"]'))
+    assert load_recipe(recipe).allow_test_training
+    recipe.write_text(body.format(allow="", datasets='["nfcorpus"]'))  # scifact's test split is not scored here
+    assert load_recipe(recipe).train_split == "test"
+
