@@ -22,31 +22,34 @@ from .store import Store
 METHODS = ("nudge-n", "nudge-m")
 RULES = ("ndcg", "nudge-ft")
 NDCG_GAMMAS = tuple(round(0.02 * i, 2) for i in range(51))  # NUDGE-N's step, ‖Δ‖² ≤ γ, from 0 to 1
+POWERS = (0.0, 0.5, 1.0)  # a query weighs |its relevant documents|^-power in each document's target
 
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    """How corrections are made: the method, and the rule that picks its step γ on held-out training queries.
+    """How corrections are made: the method, and the rule that picks its settings on held-out training queries.
 
-    rule `ndcg`: the γ of NDCG@10 on the held-out queries (ties: the smaller γ), then a refit on all of them;
-    rule `nudge-ft`: the package's own choice (NUDGE-N: top-1 accuracy on its grid; NUDGE-M: its interval
-    sweep) and no refit, so that the peer is measured as published.
+    rule `ndcg` (jepa-cache's): the step γ and the query weighting (`powers`) with the best NDCG@10 on the
+    held-out queries (ties: smaller γ, then smaller power), then a refit on every training query;
+    rule `nudge-ft` (the peer as published): the package's choice of γ (NUDGE-N: top-1 accuracy on its grid;
+    NUDGE-M: its interval sweep), plain sums, and the corrections of the fitting slice (no refit).
     """
 
     method: str = "nudge-n"
     rule: str = "ndcg"
-    power: float = 0.0  # each query weighs |its relevant documents|^-power in a document's target (0: nudge-ft's sum)
     gammas: tuple[float, ...] = NDCG_GAMMAS
+    powers: tuple[float, ...] = POWERS
 
     def validate(self) -> "AdaptConfig":
         if self.method not in METHODS:
-            raise UserError(f"--adapt {self.method!r}: choose one of {', '.join(METHODS)}")
+            raise UserError(f"adapt method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.rule not in RULES:
-            raise UserError(f"--adapt-rule {self.rule!r}: choose one of {', '.join(RULES)}")
+            raise UserError(f"--rule {self.rule!r}: choose one of {', '.join(RULES)}")
         if self.method == "nudge-m" and self.rule == "ndcg":
-            raise UserError("--adapt nudge-m scores by inner product, which eval's cosine index would undo; use nudge-n")
-        if self.power < 0:
-            raise UserError(f"--adapt-power {self.power}: must be >= 0")
+            raise UserError("nudge-m leaves documents off the unit sphere, which eval's cosine index would undo; "
+                            "use nudge-n (or --rule nudge-ft to measure NUDGE-M's own choice)")
+        if any(p < 0 for p in self.powers) or any(not 0 <= g < 2 for g in self.gammas):
+            raise UserError("adapt powers must be >= 0 and steps γ in [0, 2)")
         return self
 
     @property
@@ -87,29 +90,35 @@ def dev_ndcg(corpus_ids: Sequence[str], held: nudge.Held, dev: Labelled, rows: n
     return score(qrels, run, recall_at=10)[0]["ndcg@10"]
 
 
-def choose_gamma(cfg: AdaptConfig, corpus: np.ndarray, corpus_ids: Sequence[str], fit: Labelled, dev: Labelled,
-                 blocks: Callable[[], Iterable[np.ndarray]] | None = None) -> tuple[float, dict]:
-    """γ from `fit`'s corrections scored on `dev`, by cfg.rule; returns (γ, a record of the scores).
+def choose(cfg: AdaptConfig, corpus: np.ndarray, corpus_ids: Sequence[str], fit: Labelled, dev: Labelled,
+           blocks: Callable[[], Iterable[np.ndarray]] | None = None) -> tuple[float, float, dict]:
+    """(γ, power, record): the settings of `fit`'s corrections that cfg.rule picks on `dev`.
 
     `corpus` [n, d] unit rows in the heads' space; `blocks` re-reads it block by block (default: one block).
     """
-    rows, g = nudge.query_sums(fit.vectors, fit.answers, cfg.power)
+    rows, g = nudge.query_sums(fit.vectors, fit.answers)
     docs = nudge.unit(corpus[rows])
     held = nudge.Held.build(dev.vectors, dev.answers, (blocks or (lambda: [corpus]))(), rows, k=11)
     if cfg.rule == "nudge-ft":
         pick = nudge.choose_gamma_n if cfg.method == "nudge-n" else nudge.choose_gamma_m
         gamma = pick(held, rows, docs, g)
-        return gamma, {"rule": "nudge-ft", "dev_queries": len(dev.ids)}
-    curve = {gamma: dev_ndcg(corpus_ids, held, dev, rows, nudge.nudge_n(docs, g, gamma)) for gamma in cfg.gammas}
-    gamma = max(curve, key=lambda k: (curve[k], -k))
-    return gamma, {"rule": "ndcg", "dev_queries": len(dev.ids), "dev_ndcg@10": curve[gamma], "vanilla_dev_ndcg@10": curve[0.0],
-                   "curve": {f"{k:.2f}": round(v, 5) for k, v in curve.items()}}
+        move = nudge.nudge_n if cfg.method == "nudge-n" else nudge.nudge_m
+        return gamma, 0.0, {"rule": "nudge-ft", "dev_queries": len(dev.ids),
+                            "dev_ndcg@10": dev_ndcg(corpus_ids, held, dev, rows, nudge.unit(move(docs, g, gamma)))}
+    curve = {}
+    for power in cfg.powers:
+        g = nudge.query_sums(fit.vectors, fit.answers, power)[1]
+        curve.update({(gamma, power): dev_ndcg(corpus_ids, held, dev, rows, nudge.nudge_n(docs, g, gamma)) for gamma in cfg.gammas})
+    gamma, power = max(curve, key=lambda k: (curve[k], -k[0], -k[1]))
+    return gamma, power, {"rule": "ndcg", "dev_queries": len(dev.ids), "dev_ndcg@10": curve[gamma, power],
+                          "base_dev_ndcg@10": curve[cfg.gammas[0], power],
+                          "curve": {f"{p:g}/{k:.2f}": round(v, 5) for (k, p), v in curve.items()}}
 
 
 def make_corrections(cfg: AdaptConfig, corpus: np.ndarray, corpus_ids: Sequence[str], labelled: Labelled, gamma: float,
-                     store_fingerprint: str, heads_fingerprint: str | None, record: dict) -> Corrections:
+                     power: float, store_fingerprint: str, heads_fingerprint: str | None, record: dict) -> Corrections:
     """NUDGE with step γ from `labelled`'s judgements: one vector for every document some query judged relevant."""
-    rows, vectors = _fit(corpus, labelled, cfg.method, gamma, cfg.power)
+    rows, vectors = _fit(corpus, labelled, cfg.method, gamma, power)
     return Corrections([corpus_ids[r] for r in rows], vectors, cfg.method, float(gamma), store_fingerprint, heads_fingerprint,
                        len(labelled.ids), record)
 
@@ -140,25 +149,31 @@ def corpus_in(store: Store, heads, block_rows: int = 65536) -> np.ndarray:
     return np.concatenate([nudge.unit(to_space(b)) for _, b in store.corpus.iter_blocks(block_rows)], axis=0)
 
 
-def adapt_store(cfg: AdaptConfig, store: Store, pairs: Pairs, choose_with, final_heads, dev_seed: int = DEV_SEED,
-                dev_fraction: float = 0.2, log: Callable[[str], None] = print) -> Corrections:
-    """Corrections for `final_heads` (None: the base vectors) on `store`, γ chosen on a held-out slice of `pairs`.
+def choose_on(cfg: AdaptConfig, store: Store, heads, fit_pairs: Pairs, dev_pairs: Pairs) -> tuple[float, float, dict]:
+    """(γ, power, record) chosen on `dev_pairs` for corrections fitted on `fit_pairs`, in `heads`' space (None: none)."""
+    corpus = corpus_in(store, heads)
+    fit, dev = (labelled(store, p, _space(heads, "queries")) for p in (fit_pairs, dev_pairs))
+    return choose(cfg, corpus, store.corpus.ids, fit, dev)
 
-    `choose_with`: the heads in whose space γ is chosen, trained without the held-out queries (None: no heads).
-    The rule `ndcg` then refits on every pair; `nudge-ft` keeps the corrections of the fitting slice, as published.
+
+def corrections_on(cfg: AdaptConfig, store: Store, heads, pairs: Pairs, gamma: float, power: float, record: dict) -> Corrections:
+    """The corrections that `pairs` make with the chosen γ and power, in `heads`' space (None: the base vectors)."""
+    final = labelled(store, pairs, _space(heads, "queries"))
+    return make_corrections(cfg, corpus_in(store, heads), store.corpus.ids, final, gamma, power, store.fingerprint,
+                            heads.fingerprint if heads is not None else None, {**record, "power": power})
+
+
+def adapt_store(cfg: AdaptConfig, store: Store, pairs: Pairs, heads=None, dev_seed: int = DEV_SEED,
+                dev_fraction: float = 0.2, log: Callable[[str], None] = print) -> Corrections:
+    """Corrections on `store` in `heads`' space (None: the base vectors), chosen on a held-out slice of `pairs`.
+
+    Rule `ndcg` then refits on every pair; `nudge-ft` keeps the corrections of the fitting slice, as published.
     """
     fit_pairs, dev_pairs = pairs.hold_out(dev_fraction, dev_seed)
-    corpus = corpus_in(store, choose_with)
-    fit, dev = (labelled(store, p, _space(choose_with, "queries")) for p in (fit_pairs, dev_pairs))
-    gamma, record = choose_gamma(cfg, corpus, store.corpus.ids, fit, dev)
+    gamma, power, record = choose_on(cfg, store, heads, fit_pairs, dev_pairs)
     record.update(dev_seed=dev_seed, dev_fraction=dev_fraction, refit=cfg.refit)
-    log(f"{cfg.method}: γ {gamma:g} chosen on {len(dev.ids):,} held-out queries ({cfg.rule})"
-        + (f", dev NDCG@10 {record['dev_ndcg@10']:.4f} (γ 0: {record['vanilla_dev_ndcg@10']:.4f})" if cfg.rule == "ndcg" else ""))
-    if cfg.refit or final_heads is not choose_with:
-        corpus = corpus_in(store, final_heads)
-    source = pairs if cfg.refit else fit_pairs
-    final = labelled(store, source, _space(final_heads, "queries"))
-    fingerprint = final_heads.fingerprint if final_heads is not None else None
-    corrections = make_corrections(cfg, corpus, store.corpus.ids, final, gamma, store.fingerprint, fingerprint, record)
-    log(f"{cfg.method}: {len(corrections.doc_ids):,} documents corrected from {len(final.ids):,} labelled queries")
+    log(f"{cfg.method}: γ {gamma:g}, power {power:g} chosen on {record['dev_queries']:,} held-out queries ({cfg.rule}); "
+        f"dev NDCG@10 {record['dev_ndcg@10']:.4f}")
+    corrections = corrections_on(cfg, store, heads, pairs if cfg.refit else fit_pairs, gamma, power, record)
+    log(f"{cfg.method}: {len(corrections.doc_ids):,} documents corrected from {corrections.labelled_queries:,} labelled queries")
     return corrections

@@ -236,6 +236,9 @@ def train_heads_cmd(
                                  "chosen epochs.", SELECT, field="refit"),
     interpolate: Optional[float] = _opt("--interpolate", "Final heads = initial + this × (trained − initial), WiSE-FT; "
                                         "1 keeps them as trained.", SELECT, field="interpolate"),
+    adapt: Optional[str] = _opt("--adapt", "Per-document corrections of the training corpus, saved beside the heads "
+                                "and applied by eval to this store only: nudge-n (its step chosen on the dev slice) or "
+                                "none.", SELECT, field="adapt"),
 ) -> None:
     """Train the projection and JEPA predictor on the store's cached vectors (seconds, not an encoder per step).
 

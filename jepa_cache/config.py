@@ -131,6 +131,8 @@ class TrainConfig:
     select: str | None = None
     refit: bool | None = None
     interpolate: float | None = None
+    # per-document corrections of the training corpus, chosen on the dev slice (adapt.py)
+    adapt: str | None = None  # none | nudge-n
     seed: int = 0
     device: str = "auto"
     overwrite: bool = False

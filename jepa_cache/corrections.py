@@ -60,11 +60,23 @@ class Corrections:
             raise UserError(f"{folder / FILE_JSON}: names {len(meta.get('doc_ids', []))} documents for {len(vectors)} vectors")
         return cls(vectors=vectors, **meta)
 
+    def summary(self) -> dict:
+        """What a training record says of them: method, settings, size (dev scores are in `record`)."""
+        return {"method": self.method, "gamma": self.gamma, "power": self.record.get("power", 0.0),
+                "documents": len(self.doc_ids), "values": int(self.vectors.size), "labelled_queries": self.labelled_queries,
+                "dev_ndcg@10": self.record.get("dev_ndcg@10"), "rule": self.record.get("rule")}
+
     def rows_in(self, row_of: dict[str, int]) -> np.ndarray:
         missing = [d for d in self.doc_ids if d not in row_of]
         if missing:
             raise UserError(f"corrections name {len(missing)} documents absent from the store (e.g. {missing[0]!r})")
         return np.array([row_of[d] for d in self.doc_ids], dtype=np.int64)
+
+
+def remove(folder: str | os.PathLike) -> None:
+    """Delete the corrections in `folder` (the JSON first, so a half-removed set is never read)."""
+    for name in (FILE_JSON, FILE_WEIGHTS):
+        (Path(folder) / name).unlink(missing_ok=True)
 
 
 def find(folder: str | os.PathLike | None) -> Path | None:

@@ -7,7 +7,7 @@ live strategies start from. Kept free of imports so that `--help` can print them
 
 # What the batch-and-pairs presets share: in-batch negatives, pair epochs, no dev slice.
 _CLASSIC = dict(negatives="batch", sampling="pairs", mine_k=32, corpus_negatives=0, rank=0, schedule="cosine",
-                dev_fraction=0.0, select="last", refit=False, interpolate=1.0)
+                dev_fraction=0.0, select="last", refit=False, interpolate=1.0, adapt="none")
 
 # Every preset sets every preset-controlled field of TrainConfig. output_dim 0 is the encoder's width.
 PRESETS: dict[str, dict] = {
@@ -43,12 +43,14 @@ PRESETS["study"] = dict(
 # the epoch chosen on a held-out 20% of the training queries, then a refit on all of them. No
 # predictor by default: as a training-only JEPA term it changed nothing, as the query tower it
 # over-fitted. `--strategy frozen-predictor` adds the jepa preset's residual predictor (identity
-# start) and predictive term on top, queries still through the projection.
+# start) and predictive term on top, queries still through the projection. With the heads come
+# per-document corrections of the training corpus (NUDGE-N in the heads' space, its step and query
+# weighting chosen on the same dev slice, refit on all queries): eval applies them to this store only.
 PRESETS["best"] = dict(
     PRESETS["jepa"], strategy="frozen-isotropy", output_dim=0, projection="adapter", init="identity",
     query_tower="projection", lambda_contrastive=1.0, lambda_isotropy=3.0, temperature=0.05, epochs=4, batch_size=64,
     lr=2e-4, weight_decay=0.01, warmup=0.0, grad_clip=1.0, negatives="corpus", sampling="queries", schedule="constant",
-    dev_fraction=0.2, select="dev", refit=True,
+    dev_fraction=0.2, select="dev", refit=True, adapt="nudge-n",
 )
 DEFAULT_PRESET = "best"  # train-heads and the cached strategies of a pipeline
 LIVE_PRESET = "jepa"  # train-live and a pipeline's `full` strategy: in-batch negatives, no dev slice

@@ -23,11 +23,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .adapt import AdaptConfig, choose_on, corrections_on
 from .config import DataConfig, LossConfig, OptimConfig, SelectConfig, TrainConfig
 from .distributed import World, barrier, broadcast_tensor, main_lock, rank_device, world
 from .encoder import pick_device
 from .errors import UserError
 from .files import atomic_write_json
+from .corrections import remove as remove_corrections
 from .heads import META_FILE, Heads, HeadsConfig, describe, save_heads
 from .loop import DevSet, FitResult, NonFiniteLoss, fit, format_parts, interpolate_heads, mean_parts
 from .losses import JEPASIGRegLoss
@@ -43,6 +45,7 @@ CONFIG_FILE = "config.json"
 NEGATIVES = ("batch", "corpus", "mined")
 SCHEDULES = ("cosine", "constant")
 SELECTS = ("last", "dev")
+ADAPTS = ("none", "nudge-n")
 HEADS_FIELDS = tuple(f.name for f in dataclasses.fields(HeadsConfig) if f.name != "input_dim")
 
 # Makes the embedding source of a training run from its pair index (default: the cached vectors).
@@ -108,6 +111,11 @@ def _check_values(cfg: TrainConfig) -> None:
         raise UserError("--refit retrains for the epoch chosen on dev: it needs --select dev")
     if not 0 < cfg.interpolate <= 1:
         raise UserError(f"--interpolate {cfg.interpolate}: must be in (0, 1] (1 keeps the heads as trained)")
+    _choice("adapt", cfg.adapt, ADAPTS)
+    if cfg.adapt != "none" and cfg.dev_fraction == 0:
+        raise UserError(f"--adapt {cfg.adapt} chooses its step on a dev slice: it needs --dev-fraction > 0 (e.g. 0.2)")
+    if cfg.adapt != "none" and cfg.similarity != "cos":
+        raise UserError(f"--adapt {cfg.adapt} moves documents on the unit sphere: it needs --similarity cos")
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
@@ -157,14 +165,14 @@ def store_record(store: Store) -> dict:
 def training_record(*, strategy: str, preset: str, pairs: int, pairs_from: str, history: list[dict], final: dict,
                     seconds: float, epoch_seconds: list[float], device: str, trainable_parameters: int, live: bool,
                     encoder_changed: bool = False, ranks: int = 1, dev: dict | None = None,
-                    validation: dict | None = None) -> dict:
+                    validation: dict | None = None, adapt: dict | None = None) -> dict:
     """heads.json["training"], the one schema train-heads and train-live write."""
     return {
         "strategy": strategy, "preset": preset, "pairs": pairs, "pairs_from": pairs_from, "steps": len(history),
         "seconds": round(seconds, 3), "epoch_seconds": [round(t, 3) for t in epoch_seconds], "live": live,
         "encoder_changed": encoder_changed, "device": device, "ranks": ranks,
         "trainable_parameters": trainable_parameters,
-        "final_epoch_mean": final, "dev": dev, "validation": validation, "finished": now_iso(),
+        "final_epoch_mean": final, "dev": dev, "validation": validation, "adapt": adapt, "finished": now_iso(),
     }
 
 
@@ -270,8 +278,11 @@ def _fit_once(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device
 
 def _fit_and_refit(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device, w: World,
                    log: Callable[[str], None], write_step: Callable[[dict, str], None],
-                   make_source: SourceFactory | None) -> tuple[Heads, FitResult, int, dict | None]:
-    """Fit (on all pairs, or all but the dev slice); with `refit`, fit again on all pairs for the epochs dev chose."""
+                   make_source: SourceFactory | None) -> tuple[Heads, FitResult, int, dict | None, tuple | None]:
+    """Fit (on all pairs, or all but the dev slice); with `refit`, fit again on all pairs for the epochs dev chose.
+
+    With `adapt`, the corrections' settings are chosen on the dev slice in the fitted heads' space (rank 0).
+    """
     corpus = None
     if cfg.dev_fraction > 0 or cfg.negatives != "batch":
         corpus = torch.from_numpy(store.corpus.vectors(np.float32)).to(device)
@@ -287,6 +298,11 @@ def _fit_and_refit(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.d
     if dev is not None:
         dev_record = {"queries": len(dev), "fraction": select.dev_fraction, "seed": DEV_SEED, "ndcg@10": result.dev,
                       "select": select.select, "best_epoch": result.best_epoch, "refit": select.refit}
+    choice = None
+    if cfg.adapt != "none" and w.main:
+        choice = choose_on(AdaptConfig(cfg.adapt), store, heads.eval(), fit_pairs, dev_pairs)
+        log(f"{cfg.adapt}: step γ {choice[0]:g}, query weight power {choice[1]:g}; dev NDCG@10 with the corrections "
+            f"{choice[2]['dev_ndcg@10']:.4f} (heads alone {choice[2]['base_dev_ndcg@10']:.4f})")
     if select.refit:
         kept = result.best_epoch or 0
         log(f"refit: all {len(pairs):,} pairs, {kept} of {cfg.epochs} epoch(s)")
@@ -294,7 +310,7 @@ def _fit_and_refit(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.d
         heads, result, steps = _fit_once(cfg, store, pairs, device, corpus, None, log, lambda r: write_step(r, "refit"),
                                          stop_after=kept, w=w, make_source=make_source)
         result.history = fit_history + result.history
-    return heads, result, steps, dev_record
+    return heads, result, steps, dev_record, choice
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print,
@@ -328,16 +344,24 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
                 def write_step(record: dict, phase: str) -> None:
                     steps_file.write(json.dumps({**record, "phase": phase} if cfg.refit else record) + "\n")
 
-                heads, result, steps, dev_record = _fit_and_refit(cfg, store, pairs, device, w, log, write_step,
-                                                                  make_source)
+                heads, result, steps, dev_record, choice = _fit_and_refit(cfg, store, pairs, device, w, log,
+                                                                          write_step, make_source)
+            corrections = None
+            if choice is not None:  # refit on every training query, in the final heads' space
+                corrections = corrections_on(AdaptConfig(cfg.adapt), store, heads.eval(), pairs, *choice)
+                log(f"{cfg.adapt}: {len(corrections.doc_ids):,} documents corrected from "
+                    f"{corrections.labelled_queries:,} labelled queries")
             seconds = time.perf_counter() - t0
             final = mean_parts(result.history[-steps:])
             record = training_record(
                 strategy=cfg.strategy, preset=cfg.preset, pairs=len(pairs), pairs_from=pairs.origin,
                 history=result.history, final=final, seconds=seconds, epoch_seconds=result.epoch_seconds,
                 device=str(device), trainable_parameters=heads.parameter_counts()["total"],
-                live=make_source is not None, ranks=w.size, dev=dev_record)
+                live=make_source is not None, ranks=w.size, dev=dev_record, adapt=corrections and corrections.summary())
             if w.main:
+                remove_corrections(out)  # a stale set must never sit beside new heads
+                if corrections is not None:  # first: heads.json, written last, marks the folder finished
+                    corrections.save(out)
                 save_heads(heads, out, {"store": store_record(store), "training": record})
                 atomic_write_json(out / CONFIG_FILE, cfg)
                 partial.replace(out / STEPS_FILE)
