@@ -309,10 +309,37 @@ _OS_HINTS = {
 }
 
 
+def _click_exceptions() -> tuple[type, ...]:
+    """click's ClickException classes: typer >= 0.2x vendors click as `typer._click`, older typer uses click itself."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except ImportError:
+            pass
+    return tuple(found)
+
+
+def _usage_line(e) -> str:
+    """A click usage error as one line: its message (with click's "Did you mean ...?") and where help is."""
+    ctx = getattr(e, "ctx", None)
+    message = " ".join(e.format_message().split())
+    if ctx is None:
+        return f"error: {message}"
+    return f"error: {message}{'' if message.endswith(('.', '?')) else '.'} Try '{ctx.command_path} --help'."
+
+
 def main() -> None:
-    """Console entry point: a UserError (or an OS error: disk full, permission) becomes one clear line and exit status 2."""
+    """Console entry point: every error a user can fix is one line on stderr, without a traceback.
+
+    A UserError or an OS error (disk full, permission) exits 2; a click usage error (unknown
+    command or option, bad or missing value) exits 2 with click's message; no arguments prints the
+    help (exit 2, as click does); `--debug` shows the traceback of a UserError or OS error.
+    """
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="jepa-cache")  # also under `python -m` and torchrun
         # Non-standalone click returns (not raises) the code of a `typer.Exit`; a command's own return value is not a code.
         if isinstance(code, int) and not isinstance(code, bool) and code:
             sys.exit(code)
@@ -333,10 +360,9 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
+    except _click_exceptions() as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `jepa-cache` alone, or a group without its command: the help
             e.show()
-            sys.exit(e.exit_code)
-        raise
+        else:
+            typer.echo(_usage_line(e), err=True)
+        sys.exit(e.exit_code)
