@@ -284,15 +284,16 @@ def export(
     out: Path = typer.Option(..., "--out", help="Folder to write the sentence-transformers model to."),
     model: Optional[str] = typer.Option(None, "--model", help="The encoder (default: the one recorded with the heads; its weights must match)."),
     query_tower: Optional[str] = typer.Option(None, "--query-tower", help="projection | predictor: how encode_query runs (default: the heads' own)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    store: Optional[str] = typer.Option(None, "--store", help="Also write this store's documents through the heads to OUT/corpus_vectors.parquet (id, vector)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
 ) -> None:
     """Write encoder + heads as a sentence-transformers folder: encode_query / encode_document give eval's vectors.
 
-    Load it with SentenceTransformer(DIR, trust_remote_code=True) where jepa-cache is installed.
+    Built from sentence-transformers' own modules: SentenceTransformer(DIR) loads it anywhere (no remote code, no jepa-cache).
     """
     from .export import export as run_export
 
-    run_export(heads, out, model=model, query_tower=query_tower, overwrite=overwrite, log=typer.echo)
+    run_export(heads, out, model=model, query_tower=query_tower, store=store, overwrite=overwrite, log=typer.echo)
 
 
 # What to do about the OS errors a user can fix; every command writes atomically and resumes, so rerunning is safe.
