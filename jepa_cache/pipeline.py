@@ -209,17 +209,19 @@ class Runner:
             return self.stores[dataset]
         from .build import build  # noqa: PLC0415
         from .config import BuildConfig  # noqa: PLC0415
-        from .models import model_folder_name, resolve_model  # noqa: PLC0415
-        from .store import DEFAULT_CACHE_DIR, default_store_path, open_store  # noqa: PLC0415
+        from .models import model_folder_name  # noqa: PLC0415
+        from .store import default_store_path, open_store  # noqa: PLC0415
 
         reference = Path(os.environ.get(REFERENCE_ENV, "")) / dataset if os.environ.get(REFERENCE_ENV) else None
         use_reference = (self.recipe.vectors == "reference" and not self.encode and reference is not None
                          and (reference / "corpus.f32.npy").is_file() and self.recipe.model == DEFAULT_MODEL)
-        if use_reference:
+        # one default store per (dataset, encoder), where build, import and eval look: data/cache/<dataset>/<model>
+        out = default_store_path(dataset, Path(model_folder_name(self.recipe.model)))
+        source = open_store(out, require_complete=False).provenance.get("source") if (out / "zarr.json").is_file() else None
+        if use_reference and source != "built":  # a built store serves every recipe; build() below checks and reuses it
             from .importer import import_vectors  # noqa: PLC0415
 
-            out = DEFAULT_CACHE_DIR / dataset / f"{model_folder_name(self.recipe.model)}.imported"
-            if (out / "zarr.json").is_file():
+            if source == "imported" and open_store(out, require_complete=False).complete:
                 store = open_store(out)
                 self.reused += 1
             else:
@@ -230,8 +232,10 @@ class Runner:
                     model=self.recipe.model, out=str(out), data_dir=self.recipe.data_dir), log=self.log)
                 self.computed += 1
         else:
-            out = default_store_path(dataset, resolve_model(self.recipe.model))
-            store = build(BuildConfig(dataset=dataset, model=self.recipe.model, out=str(out), data_dir=self.recipe.data_dir), log=self.log)
+            if source == "imported":
+                self.log(f"[{dataset}] {out} holds imported vectors; encoding replaces them")
+            store = build(BuildConfig(dataset=dataset, model=self.recipe.model, out=str(out), data_dir=self.recipe.data_dir,
+                                      overwrite=source == "imported"), log=self.log)
         self.stores[dataset] = store
         return store
 
