@@ -43,6 +43,26 @@ def fetch_model_cmd(
     typer.echo(f"model ready: {fetch_model(name, hub=not no_hub)}")
 
 
+@app.command("prepare-data")
+def prepare_data_cmd(
+    out: Path = typer.Option(..., "--out", help="Dataset folder to write (BEIR layout); pass it to build / train-heads / eval as --dataset."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="Documents: JSONL, CSV/TSV or Parquet with _id or id (else hashed from the text), optional title, text."),
+    queries: Optional[Path] = typer.Option(None, "--queries", help="Queries: the same formats, with _id or id and text."),
+    qrels: list[str] = typer.Option([], "--qrels", help="BEIR qrels TSV (query-id, corpus-id, score) as SPLIT=FILE, or FILE for split train; repeatable."),
+    pairs: list[str] = typer.Option([], "--pairs", help="Text pairs as SPLIT=FILE (or FILE: train): anchor or query, positive, optional negative / negative_1...; repeatable."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Turn your own corpus, queries and labels (JSONL / CSV / Parquet) into a BEIR dataset folder.
+
+    Texts without ids get stable ones (a hash of the text); a pair's text equal to a document is that document.
+    Hard negatives also go to OUT/pairs/<split>.jsonl, for `train-heads --pairs`.
+    """
+    from .userdata import prepare_data
+
+    prepare_data(out, corpus=str(corpus) if corpus else None, queries=str(queries) if queries else None,
+                 qrels=qrels, pairs=pairs, overwrite=overwrite, log=typer.echo)
+
+
 @app.command()
 def build(
     dataset: str = typer.Option(..., "--dataset", help="BEIR dataset name (looked up under --data-dir) or folder."),

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LiveConfig, TrainConfig
-from .datasets import find_dataset, read_corpus, read_qrels, read_queries
+from .datasets import read_corpus, read_qrels, read_queries, recorded_dataset
 from .encoder import embedding_dim, encode, load_encoder, pick_device, tokenize
 from .errors import UserError
 from .files import atomic_write_bytes, atomic_write_json, exclusive_lock
@@ -106,7 +106,7 @@ def live_encoder_folder(model: str | None, store: Store) -> Path:
 def store_texts(store: Store, dataset_name: str | None, data_dir: str | None,
                 query_rows: Sequence[int], doc_rows: Sequence[int]) -> tuple[list[str], list[str]]:
     """The texts of the given store rows, read from the dataset the store was built from."""
-    dataset = find_dataset(dataset_name or store.dataset_name, data_dir)
+    dataset = recorded_dataset(store.provenance["dataset"], dataset_name, data_dir)
     recorded = store.provenance["dataset"].get("files") or {}
     current = dataset.file_hashes()
     changed = [f for f in recorded if not f.startswith("qrels") and f in current and current[f] != recorded[f]]
@@ -339,7 +339,7 @@ def validation_split(cfg: LiveConfig, store: Store, out: Path, device: torch.dev
     every training seed is validated on the same queries.
     """
     tcfg = cfg.train
-    dataset = find_dataset(tcfg.dataset or store.dataset_name, tcfg.data_dir)
+    dataset = recorded_dataset(store.provenance["dataset"], tcfg.dataset, tcfg.data_dir)
     corpus = torch.from_numpy(store.corpus.vectors(np.float32)).to(device)
     if cfg.val_split in dataset.splits():
         if cfg.val_split == tcfg.train_split and not tcfg.pairs:
