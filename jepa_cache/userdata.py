@@ -4,8 +4,8 @@ Inputs (JSONL, CSV/TSV or Parquet, by suffix): a corpus (`_id` or `id`, optional
 queries (`_id` or `id`, `text`), and labels as BEIR qrels (`query-id`, `corpus-id`, `score` TSV)
 and/or tables of text pairs in sentence-transformers' training layout (`anchor` or `query`,
 `positive`, optional `negative` / `negative_1`, `negative_2`, ...). Texts that come without an id
-get a stable one, a hash of the text (`doc-…`, `q-…`); a pair's text that equals a corpus document
-(or query) is that document, so documents are never duplicated. Hard negatives also go to
+get a stable one, a hash of the text (`doc-…`, `q-…`); a pair's text that equals a corpus document's
+text (or its title + " " + text) or a query is that document or query, so nothing is duplicated. Hard negatives also go to
 `pairs/<split>.jsonl` (query_id, doc_id, negative_id), what `train-heads --pairs` reads.
 Every input is checked before anything is written; a bad row is one line with file, line and column.
 """
@@ -179,6 +179,7 @@ def read_records(path: Path, records: Records, title: bool) -> int:
             doc_id = text_id(records.prefix, full)
         record = {"_id": doc_id, **({"title": record_title} if title else {}), "text": text}
         records.add(record, full, f"{path}: {where}")
+        records.by_text.setdefault(text, doc_id)  # a pair may quote a document's text without its title
     if n == 0:
         raise UserError(f"{path}: no rows")
     return n

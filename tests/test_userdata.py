@@ -66,12 +66,13 @@ def test_text_pairs_with_hard_negatives(layout, suffix, tmp_path, cli):
     pairs = write_table(tmp_path / f"train{suffix}", [
         {layout: "what is a cell", "positive": "Cells A cell is the smallest unit of life.", "negative": "A gene is a unit of heredity."},
         {layout: "what is a cell", "positive": "Cells make up every organism.", "negative": "Bananas are yellow."},
-        {layout: "yellow fruit", "positive": "Bananas are yellow.", "negative": "A gene is a unit of heredity."},
+        {layout: "yellow fruit", "positive": "Bananas are yellow.", "negative": "Adults need seven to nine hours of sleep."},
     ])
     code, err = cli(["prepare-data", "--corpus", str(corpus), "--pairs", str(pairs), "--out", str(tmp_path / "mine")])
     assert code == 0, err
     (ids, texts), (qids, qtexts), ds = beir(tmp_path / "mine")
-    # the corpus' own documents keep their ids; a pair text equal to one of them is that document; new texts are added once
+    # the corpus' own documents keep their ids; a pair text equal to one of them (title + text, or text) is that document;
+    # new texts are added once
     new_cell, bananas = text_id("doc", "Cells make up every organism."), text_id("doc", "Bananas are yellow.")
     assert ids == ["a", "b", "c", "d", new_cell, bananas]
     q_cell, q_fruit = text_id("q", "what is a cell"), text_id("q", "yellow fruit")
@@ -80,7 +81,7 @@ def test_text_pairs_with_hard_negatives(layout, suffix, tmp_path, cli):
     triples = [json.loads(line) for line in (tmp_path / "mine" / "pairs" / "train.jsonl").read_text().splitlines()]
     assert triples == [{"query_id": q_cell, "doc_id": "a", "negative_id": "b"},
                        {"query_id": q_cell, "doc_id": new_cell, "negative_id": bananas},
-                       {"query_id": q_fruit, "doc_id": bananas, "negative_id": "b"}]
+                       {"query_id": q_fruit, "doc_id": bananas, "negative_id": "d"}]  # d's text without its title
 
 
 def test_ids_are_stable_across_runs(tmp_path, cli):
