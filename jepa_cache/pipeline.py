@@ -213,24 +213,24 @@ class Runner:
         from .store import default_store_path, open_store  # noqa: PLC0415
 
         reference = Path(os.environ.get(REFERENCE_ENV, "")) / dataset if os.environ.get(REFERENCE_ENV) else None
-        use_reference = (self.recipe.vectors == "reference" and not self.encode and reference is not None
-                         and (reference / "corpus.f32.npy").is_file() and self.recipe.model == DEFAULT_MODEL)
+        may_import = self.recipe.vectors == "reference" and not self.encode and self.recipe.model == DEFAULT_MODEL
+        use_reference = may_import and reference is not None and (reference / "corpus.f32.npy").is_file()
         # one default store per (dataset, encoder), where build, import and eval look: data/cache/<dataset>/<model>
         out = default_store_path(dataset, Path(model_folder_name(self.recipe.model)))
-        source = open_store(out, require_complete=False).provenance.get("source") if (out / "zarr.json").is_file() else None
-        if use_reference and source != "built":  # a built store serves every recipe; build() below checks and reuses it
+        found = open_store(out, require_complete=False) if (out / "zarr.json").is_file() else None
+        source = found.provenance.get("source") if found is not None else None
+        if may_import and source == "imported" and found.complete:  # also in a shell without $JEPA_CACHE_REFERENCE
+            store = open_store(out)
+            self.reused += 1
+        elif use_reference and source != "built":  # a built store serves every recipe; build() below checks and reuses it
             from .importer import import_vectors  # noqa: PLC0415
 
-            if source == "imported" and open_store(out, require_complete=False).complete:
-                store = open_store(out)
-                self.reused += 1
-            else:
-                self.log(f"[{dataset}] importing reference vectors from {reference}")
-                store = import_vectors(ImportConfig(
-                    dataset=dataset, corpus=str(reference / "corpus.f32.npy"), corpus_ids=str(reference / "corpus.ids.txt"),
-                    queries=str(reference / "queries.f32.npy"), query_ids=str(reference / "queries.ids.txt"),
-                    model=self.recipe.model, out=str(out), data_dir=self.recipe.data_dir), log=self.log)
-                self.computed += 1
+            self.log(f"[{dataset}] importing reference vectors from {reference}")
+            store = import_vectors(ImportConfig(
+                dataset=dataset, corpus=str(reference / "corpus.f32.npy"), corpus_ids=str(reference / "corpus.ids.txt"),
+                queries=str(reference / "queries.f32.npy"), query_ids=str(reference / "queries.ids.txt"),
+                model=self.recipe.model, out=str(out), data_dir=self.recipe.data_dir), log=self.log)
+            self.computed += 1
         else:
             if source == "imported":
                 self.log(f"[{dataset}] {out} holds imported vectors; encoding replaces them")

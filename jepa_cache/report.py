@@ -134,8 +134,9 @@ def plot_losses(path: Path, curves: dict[str, dict[str, list[float]]], phases: d
 
 def plot_spectra(path: Path, spectra: dict[str, np.ndarray], baseline: str = "vanilla") -> None:
     """Left: share of variance per principal component (log scale; flatter = more isotropic).
-    Right: each spectrum divided by the baseline's, component by component, where heads that barely
-    move the geometry (and overlap on the left) still show how they redistribute the variance."""
+    Right: each spectrum of the baseline's width divided by the baseline's, component by component,
+    where heads that barely move the geometry (and overlap on the left) still show how they
+    redistribute the variance."""
     plt = _pyplot()
     floor = 1e-9  # normalised vectors leave one ~0 eigenvalue: drop it rather than squash the axis
     shares = {name: (eig / eig.sum())[eig / eig.sum() > floor] for name, eig in spectra.items()}
@@ -144,7 +145,7 @@ def plot_spectra(path: Path, spectra: dict[str, np.ndarray], baseline: str = "va
     for i, (name, share) in enumerate(shares.items()):
         label = f"{name} (eff. rank {effective_rank(spectra[name]):.1f})"
         left.semilogy(np.arange(1, len(share) + 1), share, label=label, lw=1.2, ls=styles[i % len(styles)])
-        if baseline in shares and name != baseline:
+        if baseline in shares and name != baseline and len(spectra[name]) == len(spectra[baseline]):  # same width: comparable
             n = min(len(share), len(shares[baseline]))
             right.semilogy(np.arange(1, n + 1), share[:n] / shares[baseline][:n], label=name, lw=1.2, ls=styles[i % len(styles)],
                            color=left.lines[-1].get_color())
@@ -162,6 +163,7 @@ def plot_spectra(path: Path, spectra: dict[str, np.ndarray], baseline: str = "va
     right.yaxis.set_minor_formatter(NullFormatter())
     right.set_xlabel("principal component")
     right.set_ylabel(f"share / {baseline}'s share")
+    right.set_title(f"heads of {baseline}'s width", fontsize=8)
     right.grid(alpha=0.3)
     if right.lines[1:]:
         right.legend(fontsize=7)
