@@ -147,7 +147,7 @@ def plot_spectra(path: Path, spectra: dict[str, np.ndarray], baseline: str = "va
         left.semilogy(np.arange(1, len(share) + 1), share, label=label, lw=1.2, ls=styles[i % len(styles)])
         if baseline in shares and name != baseline and len(spectra[name]) == len(spectra[baseline]):  # same width: comparable
             n = min(len(share), len(shares[baseline]))
-            right.semilogy(np.arange(1, n + 1), share[:n] / shares[baseline][:n], label=name, lw=1.2, ls=styles[i % len(styles)],
+            right.plot(np.arange(1, n + 1), share[:n] / shares[baseline][:n], label=name, lw=1.2, ls=styles[i % len(styles)],
                            color=left.lines[-1].get_color())
     values = np.concatenate(list(shares.values()))
     left.set_ylim(values.min() / 2, values.max() * 2)
@@ -156,11 +156,6 @@ def plot_spectra(path: Path, spectra: dict[str, np.ndarray], baseline: str = "va
     left.legend(fontsize=7)
     left.grid(alpha=0.3)
     right.axhline(1.0, color="black", lw=0.8)
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    right.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    right.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    right.yaxis.set_minor_formatter(NullFormatter())
     right.set_xlabel("principal component")
     right.set_ylabel(f"share / {baseline}'s share")
     right.set_title(f"heads of {baseline}'s width", fontsize=8)
