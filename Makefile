@@ -4,16 +4,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# Use the BEIR copies and reference vectors beside the checkout when they exist.
+# Use the BEIR copies and reference vectors beside the checkout when they exist: the datasets are
+# linked into data/beir/ (the default data folder, so commands typed later in any shell find them),
+# the reference vectors are imported by the demo.
 SHARED := $(abspath ../shared/data)
-ifneq ($(wildcard $(SHARED)/beir),)
-export JEPA_CACHE_DATA ?= $(SHARED)/beir
-endif
 ifneq ($(wildcard $(SHARED)/embeddings),)
 export JEPA_CACHE_REFERENCE ?= $(SHARED)/embeddings
 endif
 
-.PHONY: setup model demo demo-full test test-slow bench clean
+.PHONY: setup model data demo demo-full test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -30,10 +29,15 @@ $(STAMP): pyproject.toml
 model: setup
 	$(BIN)/jepa-cache fetch-model
 
-demo: model
+# data/beir/<name> -> ../shared/data/beir/<name> for each shared dataset not already there (relative links).
+data:
+	@if [ -d $(SHARED)/beir ]; then mkdir -p data/beir; for d in $(SHARED)/beir/*/; do \
+	  n=$$(basename $$d); [ -e data/beir/$$n ] || ln -s ../../../shared/data/beir/$$n data/beir/$$n; done; fi
+
+demo: model data
 	$(BIN)/jepa-cache run pipelines/scifact.toml
 
-demo-full: model
+demo-full: model data
 	$(BIN)/jepa-cache run pipelines/scifact.toml --encode
 
 test: setup

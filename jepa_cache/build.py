@@ -108,7 +108,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
     provenance = {
         "source": "built",
         "encoder": encoder_info(model, folder, name, sha),
-        "dataset": {"name": dataset.name, "files": files},
+        "dataset": {"name": dataset.name, "path": str(dataset.root.resolve()), "files": files},
         "template": {"corpus": CORPUS_TEMPLATE, "queries": QUERY_TEMPLATE},
         "dim": embedding_dim(model),
         "dtype": cfg.dtype,

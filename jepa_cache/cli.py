@@ -43,6 +43,26 @@ def fetch_model_cmd(
     typer.echo(f"model ready: {fetch_model(name, hub=not no_hub)}")
 
 
+@app.command("prepare-data")
+def prepare_data_cmd(
+    out: Path = typer.Option(..., "--out", help="Dataset folder to write (BEIR layout); pass it to build / train-heads / eval as --dataset."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="Documents: JSONL, CSV/TSV or Parquet with _id or id (else hashed from the text), optional title, text."),
+    queries: Optional[Path] = typer.Option(None, "--queries", help="Queries: the same formats, with _id or id and text."),
+    qrels: list[str] = typer.Option([], "--qrels", help="BEIR qrels TSV (query-id, corpus-id, score) as SPLIT=FILE, or FILE for split train; repeatable."),
+    pairs: list[str] = typer.Option([], "--pairs", help="Text pairs as SPLIT=FILE (or FILE: train): anchor or query, positive, optional negative / negative_1...; repeatable."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Turn your own corpus, queries and labels (JSONL / CSV / Parquet) into a BEIR dataset folder.
+
+    Texts without ids get stable ones (a hash of the text); a pair's text equal to a document is that document.
+    Hard negatives also go to OUT/pairs/<split>.jsonl, for `train-heads --pairs`.
+    """
+    from .userdata import prepare_data
+
+    prepare_data(out, corpus=str(corpus) if corpus else None, queries=str(queries) if queries else None,
+                 qrels=qrels, pairs=pairs, overwrite=overwrite, log=typer.echo)
+
+
 @app.command()
 def build(
     dataset: str = typer.Option(..., "--dataset", help="BEIR dataset name (looked up under --data-dir) or folder."),
@@ -335,15 +355,16 @@ def export(
     out: Path = typer.Option(..., "--out", help="Folder to write the sentence-transformers model to."),
     model: Optional[str] = typer.Option(None, "--model", help="The encoder (default: the one recorded with the heads; its weights must match)."),
     query_tower: Optional[str] = typer.Option(None, "--query-tower", help="projection | predictor: how encode_query runs (default: the heads' own)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    store: Optional[str] = typer.Option(None, "--store", help="Also write this store's documents through the heads to OUT/corpus_vectors.parquet (id, vector)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
 ) -> None:
     """Write encoder + heads as a sentence-transformers folder: encode_query / encode_document give eval's vectors.
 
-    Load it with SentenceTransformer(DIR, trust_remote_code=True) where jepa-cache is installed.
+    Built from sentence-transformers' own modules: SentenceTransformer(DIR) loads it anywhere (no remote code, no jepa-cache).
     """
     from .export import export as run_export
 
-    run_export(heads, out, model=model, query_tower=query_tower, overwrite=overwrite, log=typer.echo)
+    run_export(heads, out, model=model, query_tower=query_tower, store=store, overwrite=overwrite, log=typer.echo)
 
 
 # What to do about the OS errors a user can fix; every command writes atomically and resumes, so rerunning is safe.
@@ -360,10 +381,37 @@ _OS_HINTS = {
 }
 
 
+def _click_exceptions() -> tuple[type, ...]:
+    """click's ClickException classes: typer >= 0.2x vendors click as `typer._click`, older typer uses click itself."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except ImportError:
+            pass
+    return tuple(found)
+
+
+def _usage_line(e) -> str:
+    """A click usage error as one line: its message (with click's "Did you mean ...?") and where help is."""
+    ctx = getattr(e, "ctx", None)
+    message = " ".join(e.format_message().split())
+    if ctx is None:
+        return f"error: {message}"
+    return f"error: {message}{'' if message.endswith(('.', '?')) else '.'} Try '{ctx.command_path} --help'."
+
+
 def main() -> None:
-    """Console entry point: a UserError (or an OS error: disk full, permission) becomes one clear line and exit status 2."""
+    """Console entry point: every error a user can fix is one line on stderr, without a traceback.
+
+    A UserError or an OS error (disk full, permission) exits 2; a click usage error (unknown
+    command or option, bad or missing value) exits 2 with click's message; no arguments prints the
+    help (exit 2, as click does); `--debug` shows the traceback of a UserError or OS error.
+    """
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="jepa-cache")  # also under `python -m` and torchrun
         # Non-standalone click returns (not raises) the code of a `typer.Exit`; a command's own return value is not a code.
         if isinstance(code, int) and not isinstance(code, bool) and code:
             sys.exit(code)
@@ -384,10 +432,9 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
+    except _click_exceptions() as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `jepa-cache` alone, or a group without its command: the help
             e.show()
-            sys.exit(e.exit_code)
-        raise
+        else:
+            typer.echo(_usage_line(e), err=True)
+        sys.exit(e.exit_code)

@@ -95,6 +95,33 @@ def find_dataset(name_or_path: str, data_dir: str | os.PathLike | None = None, d
     raise UserError(f"dataset {name!r} not found under {root}; pass --data-dir or set ${DATA_ENV}")
 
 
+def recorded_dataset(record: dict, name_or_path: str | None = None, data_dir: str | os.PathLike | None = None) -> BeirDataset:
+    """The dataset a store was made from (`record` is its provenance's `dataset` block).
+
+    `name_or_path` (the user's --dataset) wins. Otherwise the folder the store recorded, when it still
+    holds the same corpus and queries (sha256); otherwise the recorded name, looked up as usual.
+    """
+    if name_or_path:
+        return find_dataset(name_or_path, data_dir)
+    folder = Path(record["path"]) if record.get("path") else None
+    if folder is not None and folder.is_dir():
+        dataset = BeirDataset(record["name"], folder)
+        files = record.get("files", {})
+        try:
+            same = all(sha256_file(dataset.root / rel) == files.get(rel) for rel in
+                       (str(p.relative_to(folder)) for p in (dataset.corpus_path, dataset.queries_path)))
+        except UserError:
+            same = False
+        if same:
+            return dataset
+        try:
+            return find_dataset(record["name"], data_dir, download=False)
+        except UserError:
+            raise UserError(f"{folder}: the dataset this store was made from has changed since (corpus or queries sha256 differ); "
+                            "pass --dataset with the folder it was made from, or rebuild the store") from None
+    return find_dataset(record["name"], data_dir)
+
+
 def _open_text(path: Path) -> io.TextIOBase:
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")

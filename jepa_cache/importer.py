@@ -338,7 +338,7 @@ def import_vectors(cfg: ImportConfig, log: Callable[[str], None] = print) -> Sto
     provenance = {
         "source": "imported",
         "encoder": encoder,
-        "dataset": {"name": dataset.name, "files": dataset.file_hashes()},
+        "dataset": {"name": dataset.name, "path": str(dataset.root.resolve()), "files": dataset.file_hashes()},
         "template": {"corpus": CORPUS_TEMPLATE, "queries": QUERY_TEMPLATE},
         "dim": dim,
         "dtype": cfg.dtype,

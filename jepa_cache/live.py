@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import DataConfig, LiveConfig, LossConfig, OptimConfig, TrainConfig
 from .distributed import world
-from .datasets import find_dataset, read_qrels
+from .datasets import recorded_dataset, read_qrels
 from .encoder import load_encoder, pick_device
 from .errors import UserError
 from .files import atomic_dir, atomic_write_bytes, atomic_write_json, exclusive_lock
@@ -102,7 +102,7 @@ def validation_split(cfg: LiveConfig, store: Store, out: Path, device: torch.dev
     every training seed is validated on the same queries.
     """
     tcfg = cfg.train
-    dataset = find_dataset(tcfg.dataset or store.dataset_name, tcfg.data_dir)
+    dataset = recorded_dataset(store.provenance["dataset"], tcfg.dataset, tcfg.data_dir)
     corpus = torch.from_numpy(store.corpus.vectors(np.float32)).to(device)
     if cfg.val_split in dataset.splits():
         if cfg.val_split == tcfg.train_split and not tcfg.pairs:

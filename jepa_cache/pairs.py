@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .config import TrainConfig
-from .datasets import find_dataset, iter_jsonl, read_qrels
+from .datasets import recorded_dataset, iter_jsonl, read_qrels
 from .errors import UserError
 from .heads import Heads
 from .search import top_k
@@ -135,7 +135,7 @@ def load_pairs(cfg: TrainConfig, store: Store) -> Pairs:
         q, d, n = read_pairs_file(Path(cfg.pairs))
         pairs = pairs_from_ids(store, q, d, n, cfg.pairs)
     else:
-        dataset = find_dataset(cfg.dataset or store.dataset_name, cfg.data_dir)
+        dataset = recorded_dataset(store.provenance["dataset"], cfg.dataset, cfg.data_dir)
         pairs = qrels_pairs(store, dataset.qrels_path(cfg.train_split))
     return pairs.subset(cfg.max_pairs, cfg.seed) if cfg.max_pairs else pairs
 

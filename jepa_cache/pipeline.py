@@ -218,29 +218,33 @@ class Runner:
             return self.stores[dataset]
         from .build import build  # noqa: PLC0415
         from .config import BuildConfig  # noqa: PLC0415
-        from .models import model_folder_name, resolve_model  # noqa: PLC0415
-        from .store import DEFAULT_CACHE_DIR, default_store_path, open_store  # noqa: PLC0415
+        from .models import model_folder_name  # noqa: PLC0415
+        from .store import default_store_path, open_store  # noqa: PLC0415
 
         reference = Path(os.environ.get(REFERENCE_ENV, "")) / dataset if os.environ.get(REFERENCE_ENV) else None
-        use_reference = (self.recipe.vectors == "reference" and not self.encode and reference is not None
-                         and (reference / "corpus.f32.npy").is_file() and self.recipe.model == DEFAULT_MODEL)
-        if use_reference:
+        may_import = self.recipe.vectors == "reference" and not self.encode and self.recipe.model == DEFAULT_MODEL
+        use_reference = may_import and reference is not None and (reference / "corpus.f32.npy").is_file()
+        # one default store per (dataset, encoder), where build, import and eval look: data/cache/<dataset>/<model>
+        out = default_store_path(dataset, Path(model_folder_name(self.recipe.model)))
+        found = open_store(out, require_complete=False) if (out / "zarr.json").is_file() else None
+        source = found.provenance.get("source") if found is not None else None
+        if may_import and source == "imported" and found.complete:  # also in a shell without $JEPA_CACHE_REFERENCE
+            store = open_store(out)
+            self.reused += 1
+        elif use_reference and source != "built":  # a built store serves every recipe; build() below checks and reuses it
             from .importer import import_vectors  # noqa: PLC0415
 
-            out = DEFAULT_CACHE_DIR / dataset / f"{model_folder_name(self.recipe.model)}.imported"
-            if (out / "zarr.json").is_file():
-                store = open_store(out)
-                self.reused += 1
-            else:
-                self.log(f"[{dataset}] importing reference vectors from {reference}")
-                store = import_vectors(ImportConfig(
-                    dataset=dataset, corpus=str(reference / "corpus.f32.npy"), corpus_ids=str(reference / "corpus.ids.txt"),
-                    queries=str(reference / "queries.f32.npy"), query_ids=str(reference / "queries.ids.txt"),
-                    model=self.recipe.model, out=str(out), data_dir=self.recipe.data_dir), log=self.log)
-                self.computed += 1
+            self.log(f"[{dataset}] importing reference vectors from {reference}")
+            store = import_vectors(ImportConfig(
+                dataset=dataset, corpus=str(reference / "corpus.f32.npy"), corpus_ids=str(reference / "corpus.ids.txt"),
+                queries=str(reference / "queries.f32.npy"), query_ids=str(reference / "queries.ids.txt"),
+                model=self.recipe.model, out=str(out), data_dir=self.recipe.data_dir), log=self.log)
+            self.computed += 1
         else:
-            out = default_store_path(dataset, resolve_model(self.recipe.model))
-            store = build(BuildConfig(dataset=dataset, model=self.recipe.model, out=str(out), data_dir=self.recipe.data_dir), log=self.log)
+            if source == "imported":
+                self.log(f"[{dataset}] {out} holds imported vectors; encoding replaces them")
+            store = build(BuildConfig(dataset=dataset, model=self.recipe.model, out=str(out), data_dir=self.recipe.data_dir,
+                                      overwrite=source == "imported"), log=self.log)
         self.stores[dataset] = store
         return store
 

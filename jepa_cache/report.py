@@ -64,20 +64,34 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def plot_bars(path: Path, strategies: Sequence[str], datasets: Sequence[str], ndcg: dict[tuple[str, str], float]) -> None:
-    """NDCG@10 bars, one group per dataset, one bar per strategy."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(datasets), 3.6))
+    return plt
+
+
+def plot_bars(path: Path, strategies: Sequence[str], datasets: Sequence[str], scores: dict[tuple[str, str], list[float]]) -> None:
+    """NDCG@10 bars (mean over seeds), one group per dataset, one bar per strategy; each seed a dot, the range a whisker."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(2.2 + 1.8 * len(datasets), 3.8))
     width = 0.8 / max(len(strategies), 1)
     for i, s in enumerate(strategies):
         xs = np.arange(len(datasets)) + i * width
-        ax.bar(xs, [ndcg.get((s, d), np.nan) for d in datasets], width, label=s)
+        runs = [np.asarray(scores.get((s, d), [np.nan]), dtype=float) for d in datasets]
+        means = np.array([r.mean() for r in runs])
+        ax.bar(xs, means, width, label=s, alpha=0.85)
+        spread = np.array([[m - r.min() for m, r in zip(means, runs)], [r.max() - m for m, r in zip(means, runs)]])
+        if any(len(r) > 1 for r in runs):
+            ax.errorbar(xs, means, yerr=spread, fmt="none", ecolor="black", elinewidth=1, capsize=3)
+            for x, r in zip(xs, runs):
+                if len(r) > 1:
+                    ax.scatter(np.full(len(r), x), r, s=8, color="black", zorder=3)
     ax.set_xticks(np.arange(len(datasets)) + width * (len(strategies) - 1) / 2, datasets)
     ax.set_ylabel("NDCG@10")
+    ax.set_title("bar: mean over seeds; dots: each seed; whisker: their range", fontsize=8)
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -85,49 +99,76 @@ def plot_bars(path: Path, strategies: Sequence[str], datasets: Sequence[str], nd
     plt.close(fig)
 
 
-def plot_losses(path: Path, curves: dict[str, dict[str, list[float]]]) -> None:
-    """Loss parts per step, one panel per strategy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_losses(path: Path, curves: dict[str, dict[str, list[float]]], phases: dict[str, list[str]] | None = None) -> None:
+    """Loss parts per step, one panel per strategy; the refit phase (retraining on every query) shaded and labelled."""
     if not curves:
         return
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2), squeeze=False)
     for ax, (name, parts) in zip(axes[0], curves.items()):
         for part, values in parts.items():
             ax.plot(values, label=part, lw=1)
-        ax.set_title(name, fontsize=9)
+        labels = (phases or {}).get(name) or []
+        starts = [i for i, p in enumerate(labels) if i == 0 or p != labels[i - 1]]
+        for j, start in enumerate(starts):
+            stop = starts[j + 1] if j + 1 < len(starts) else len(labels)
+            if labels[start] != "fit":
+                ax.axvspan(start - 0.5, stop - 0.5, color="grey", alpha=0.12, lw=0)
+            ax.text((start + stop - 1) / 2, 1.0, labels[start], transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7)
+        ax.set_title(name, fontsize=9, pad=14 if labels else 6)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("weighted loss term")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_spectra(path: Path, spectra: dict[str, np.ndarray]) -> None:
-    """Normalised covariance eigenvalues (log scale): flatter means more isotropic."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for name, eig in spectra.items():
-        ax.semilogy(eig / eig.sum(), label=name, lw=1)
-    ax.set_ylim(bottom=1e-7)  # normalised vectors leave one ~0 eigenvalue; don't let it squash the plot
-    ax.set_xlabel("component")
-    ax.set_ylabel("share of variance")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+def plot_spectra(path: Path, spectra: dict[str, np.ndarray], baseline: str = "vanilla") -> None:
+    """Left: share of variance per principal component (log scale; flatter = more isotropic).
+    Right: each spectrum of the baseline's width divided by the baseline's, component by component,
+    where heads that barely move the geometry (and overlap on the left) still show how they
+    redistribute the variance."""
+    plt = _pyplot()
+    floor = 1e-9  # normalised vectors leave one ~0 eigenvalue: drop it rather than squash the axis
+    shares = {name: (eig / eig.sum())[eig / eig.sum() > floor] for name, eig in spectra.items()}
+    styles = ["-", "--", "-.", ":"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (name, share) in enumerate(shares.items()):
+        label = f"{name} (eff. rank {effective_rank(spectra[name]):.1f})"
+        left.semilogy(np.arange(1, len(share) + 1), share, label=label, lw=1.2, ls=styles[i % len(styles)])
+        if baseline in shares and name != baseline and len(spectra[name]) == len(spectra[baseline]):  # same width: comparable
+            n = min(len(share), len(shares[baseline]))
+            right.plot(np.arange(1, n + 1), share[:n] / shares[baseline][:n], label=name, lw=1.2, ls=styles[i % len(styles)],
+                           color=left.lines[-1].get_color())
+    values = np.concatenate(list(shares.values()))
+    left.set_ylim(values.min() / 2, values.max() * 2)
+    left.set_xlabel("principal component")
+    left.set_ylabel("share of variance")
+    left.legend(fontsize=7)
+    left.grid(alpha=0.3)
+    right.axhline(1.0, color="black", lw=0.8)
+    right.set_xlabel("principal component")
+    right.set_ylabel(f"share / {baseline}'s share")
+    right.set_title(f"heads of {baseline}'s width", fontsize=8)
+    right.grid(alpha=0.3)
+    if right.lines[1:]:
+        right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 HEADLINE = "ndcg@10"
+
+
+def loss_curves(path: Path) -> tuple[dict[str, list[float]], list[str]]:
+    """From a heads folder's steps.jsonl: each loss term per step, and each step's phase (fit / refit; empty without refit)."""
+    steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    parts = [k for k, v in (steps[0].items() if steps else ()) if k not in ("step", "epoch", "lr", "grad_norm")
+             and isinstance(v, (int, float)) and not isinstance(v, bool)]  # "phase" is a label, not a curve
+    return {k: [st[k] for st in steps] for k in parts}, [st["phase"] for st in steps if "phase" in st]
 
 
 def _per_query(paths: Sequence[str]) -> dict[str, float]:
@@ -166,9 +207,6 @@ def _spectra(train_store, heads: dict[str, tuple[str, str]]) -> tuple[dict[str, 
 
 def write_report(root: Path, recipe, rows: list[dict], stores: dict) -> dict:
     """results.json + report.md + plots under `root`, and the same table on screen."""
-    from rich.console import Console
-    from rich.table import Table
-
     from .files import atomic_write_bytes, atomic_write_json
 
     root.mkdir(parents=True, exist_ok=True)
@@ -197,7 +235,7 @@ def write_report(root: Path, recipe, rows: list[dict], stores: dict) -> dict:
 
     header = ["strategy", "trainable params", "train s"] + [
         f"{d} ({'in-domain' if d == recipe.train_dataset else 'zero-shot'}, {cells[(strategies[0], d)]['store']})" for d in datasets]
-    md_rows, screen_rows = [], []
+    md_rows = []
     for s in strategies:
         row = [s, f"{info[s]['trainable_params']:,}", f"{info[s]['train_seconds']:.1f}"]
         for d in datasets:
@@ -207,7 +245,6 @@ def write_report(root: Path, recipe, rows: list[dict], stores: dict) -> dict:
                 text += f"<br>Δ {c['delta'].format()}"
             row.append(text)
         md_rows.append(row)
-        screen_rows.append([x.replace("<br>", "\n") for x in row])
 
     heads_first = {s: by[(s, datasets[0])][0]["heads"] for s in strategies if by[(s, datasets[0])][0]["heads"]}
     train_store = stores[recipe.train_dataset]
@@ -215,13 +252,11 @@ def write_report(root: Path, recipe, rows: list[dict], stores: dict) -> dict:
     own_store = {s: (by[(s, recipe.train_dataset)][0]["store"] if (s, recipe.train_dataset) in by
                      else str(train_store.path) if info[s]["kind"] not in ("full", "hybrid") else None) for s in heads_first}
     spectra, ranks = _spectra(train_store, {s: (path, own_store[s]) for s, path in heads_first.items() if own_store[s] is not None})
-    plot_bars(root / "ndcg.png", strategies, datasets, {k: v["ndcg@10"] for k, v in cells.items()})
-    curves = {}
+    plot_bars(root / "ndcg.png", strategies, datasets, {key: [g["metrics"][HEADLINE] for g in group] for key, group in by.items()})
+    curves, phases = {}, {}
     for s, path in heads_first.items():
-        steps = [json.loads(line) for line in (Path(path) / "steps.jsonl").read_text().splitlines() if line.strip()]
-        parts = [k for k in steps[0] if k not in ("step", "epoch", "lr", "grad_norm")] if steps else []
-        curves[s] = {k: [st[k] for st in steps] for k in parts}
-    plot_losses(root / "losses.png", curves)
+        curves[s], phases[s] = loss_curves(Path(path) / "steps.jsonl")
+    plot_losses(root / "losses.png", curves, phases)
     plot_spectra(root / "spectrum.png", spectra)
 
     md = [f"# {recipe.name}: strategy comparison", "",
@@ -241,11 +276,25 @@ def write_report(root: Path, recipe, rows: list[dict], stores: dict) -> dict:
     }
     atomic_write_json(root / "results.json", summary)
 
-    table = Table(title=f"{recipe.name}: NDCG@10 ({recipe.eval_split})", show_lines=True)
+    print_table(f"{recipe.name}: NDCG@10 ({recipe.eval_split})", header, md_rows)
+    print(f"report: {root / 'report.md'}")
+    return summary
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], file=None) -> None:
+    """A rich table on a terminal; plain Markdown when the output is piped or redirected (never cut at 80 columns)."""
+    import sys
+
+    file = file or sys.stdout
+    if not file.isatty():
+        print(f"{title}\n\n{markdown_table(header, rows)}", file=file)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=True)
     for h in header:
         table.add_column(h, justify="left" if h == "strategy" else "right")
-    for row in screen_rows:
-        table.add_row(*row)
-    Console().print(table)
-    Console().print(f"report: {root / 'report.md'}")
-    return summary
+    for row in rows:
+        table.add_row(*[str(c).replace("<br>", "\n") for c in row])
+    Console(file=file).print(table)

@@ -13,7 +13,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from .datasets import find_dataset, read_corpus, read_queries
+from .datasets import recorded_dataset, read_corpus, read_queries
 from .encoder import encode, load_encoder
 from .errors import UserError
 from .models import resolve_model, weights_sha256
@@ -112,7 +112,7 @@ def live_encoder_folder(model: str | None, store: Store) -> Path:
 def store_texts(store: Store, dataset_name: str | None, data_dir: str | None,
                 query_rows: Sequence[int], doc_rows: Sequence[int]) -> tuple[list[str], list[str]]:
     """The texts of the given store rows, read from the dataset the store was built from."""
-    dataset = find_dataset(dataset_name or store.dataset_name, data_dir)
+    dataset = recorded_dataset(store.provenance["dataset"], dataset_name, data_dir)
     check_dataset(store, dataset)
     texts = []
     for section, reader, path, rows in (("queries", read_queries, dataset.queries_path, query_rows),

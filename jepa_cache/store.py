@@ -81,6 +81,8 @@ def identity(provenance: dict) -> dict:
     encoder = out.get("encoder")
     if isinstance(encoder, dict) and encoder.get("weights_sha256"):
         out["encoder"] = {k: v for k, v in encoder.items() if k not in ("name", "path")}
+    if isinstance(out.get("dataset"), dict):  # nor does the folder the dataset was read from (its files' sha256 are kept)
+        out["dataset"] = {k: v for k, v in out["dataset"].items() if k != "path"}
     return out
 
 

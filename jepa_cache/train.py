@@ -113,7 +113,7 @@ def _check_values(cfg: TrainConfig) -> None:
         raise UserError(f"--interpolate {cfg.interpolate}: must be in (0, 1] (1 keeps the heads as trained)")
     _choice("adapt", cfg.adapt, ADAPTS)
     if cfg.adapt != "none" and cfg.dev_fraction == 0:
-        raise UserError(f"--adapt {cfg.adapt} chooses its step on a dev slice: it needs --dev-fraction > 0 (e.g. 0.2)")
+        raise UserError(f"--adapt {cfg.adapt} chooses its step on a dev slice: pass --dev-fraction > 0 (e.g. 0.2) or --adapt none")
     if cfg.adapt != "none" and cfg.similarity != "cos":
         raise UserError(f"--adapt {cfg.adapt} moves documents on the unit sphere: it needs --similarity cos")
 

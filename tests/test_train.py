@@ -405,7 +405,9 @@ def test_new_options_are_checked():
     for kw, message in ((dict(negatives="all"), "--negatives"), (dict(sampling="query"), "--sampling"),
                         (dict(select="dev", dev_fraction=0.0), "dev slice"), (dict(refit=True, select="last"), "--refit"),
                         (dict(dev_fraction=1.0), "--dev-fraction"), 
-                        (dict(corpus_negatives=-1), "--corpus-negatives")):
+                        (dict(corpus_negatives=-1), "--corpus-negatives"), (dict(adapt="nudge-m"), "--adapt"),
+                        (dict(dev_fraction=0.0, select="last", refit=False), "--adapt none"),
+                        (dict(similarity="l2"), "--similarity cos")):
         with pytest.raises(UserError, match=message):
             resolve_config(TrainConfig(store="", preset="best", **kw))
     with pytest.raises(UserError, match="cached training only"):
@@ -423,7 +425,7 @@ def test_new_options_are_checked():
 
 
 def test_interpolate_moves_the_trained_heads_back_towards_their_start(tiny_store, tiny_beir, tmp_path):
-    common = dict(preset="best", output_dim=16, epochs=2, dev_fraction=0.0, select="last", refit=False)
+    common = dict(preset="best", output_dim=16, epochs=2, dev_fraction=0.0, select="last", refit=False, adapt="none")
     full = train(_cfg(tiny_store, tiny_beir, tmp_path / "full", **common), **QUIET).heads
     half = train(_cfg(tiny_store, tiny_beir, tmp_path / "half", interpolate=0.5, **common), **QUIET).heads
     assert full.projection.weight.abs().max() > 0
@@ -481,3 +483,20 @@ def test_training_on_the_scored_split_needs_allow_test_training(tmp_path):
     recipe.write_text(body.format(allow="", datasets='["nfcorpus"]'))  # scifact's test split is not scored here
     assert load_recipe(recipe).train_split == "test"
 
+
+
+def test_best_saves_corrections_refit_on_every_training_query(tiny_store, tiny_beir, tmp_path):
+    from jepa_cache.corrections import Corrections
+    from jepa_cache.datasets import read_qrels
+
+    res = train(_cfg(tiny_store, tiny_beir, tmp_path / "h", preset="best", output_dim=16, epochs=1), **QUIET)
+    corr = Corrections.load(res.out)
+    qrels = read_qrels(tiny_beir / "qrels" / "train.tsv")
+    assert corr.store_fingerprint == tiny_store.fingerprint and corr.heads_fingerprint == res.heads.fingerprint
+    assert corr.labelled_queries == len(qrels)  # the refit: dev queries included
+    assert sorted(corr.doc_ids) == sorted({d for docs in qrels.values() for d, r in docs.items() if r > 0})
+    assert res.record["adapt"]["documents"] == len(corr.doc_ids) and corr.record["rule"] == "ndcg"
+    assert np.allclose(np.linalg.norm(corr.vectors, axis=1), 1, atol=1e-5)
+    again = train(_cfg(tiny_store, tiny_beir, tmp_path / "h", preset="best", output_dim=16, epochs=1, adapt="none",
+                       overwrite=True), **QUIET)
+    assert again.record["adapt"] is None and not (again.out / "corrections.json").exists()  # no stale set
