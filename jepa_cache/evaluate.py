@@ -28,7 +28,7 @@ from .datasets import BeirDataset, find_dataset, read_qrels
 from .errors import UserError
 from .files import atomic_path, atomic_write_bytes, atomic_write_json, check_writable, exclusive_lock
 from .metrics import score
-from .search import EXACT, _faiss, check_similarity, recall_vs_exact, top_k
+from .search import EXACT, _faiss, check_similarity, recall_vs_exact, tie_order, top_k
 from .models import model_folder_name
 from .store import Store, default_store_path, now_iso, open_store, package_versions
 
@@ -70,7 +70,10 @@ def _check_dataset(store: Store, dataset: BeirDataset) -> None:
 
 
 def _run_of(hits, query_ids: list[str], corpus_ids: list[str], k: int) -> dict[str, list[tuple[str, float]]]:
-    """Per query, its k best (doc id, score), dropping a hit whose id equals the query id (BEIR)."""
+    """Per query, its k best (doc id, score), dropping a hit whose id equals the query id (BEIR).
+
+    `hits` ranked by tie_order(corpus_ids): score descending, then larger id first, which is how
+    pytrec_eval re-ranks the run, so the k kept are the k it would keep from the full ranking."""
     run: dict[str, list[tuple[str, float]]] = {}
     for qid, rows, scores in zip(query_ids, hits.indices, hits.scores):
         docs = [(corpus_ids[r], float(s)) for r, s in zip(rows, scores) if r >= 0 and corpus_ids[r] != qid]
@@ -190,8 +193,8 @@ def _evaluate_one(prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, simi
     in_memory = store.corpus.rows <= block_rows  # fits: read (and project) once, reuse for the exact reference
     corpus = next(blocks(), np.zeros((0, store.dim), np.float32)) if in_memory else None
 
-    def docs() -> np.ndarray | Iterator[np.ndarray]:
-        return corpus if in_memory else blocks()
+    def docs() -> np.ndarray | Callable[[], Iterator[np.ndarray]]:
+        return corpus if in_memory else blocks
 
     t_load = time.perf_counter() - t0
 
@@ -201,11 +204,12 @@ def _evaluate_one(prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, simi
         from .encoder import pick_device  # noqa: PLC0415  (torch)
 
         device = pick_device(cfg.device)
-    hits = top_k(docs(), queries, cfg.k + 1, similarity, spec, params=cfg.faiss_params, device=device)
+    ties = tie_order(corpus_ids)
+    hits = top_k(docs(), queries, cfg.k + 1, similarity, spec, params=cfg.faiss_params, device=device, ties=ties)
     run = _run_of(hits, with_vector, corpus_ids, cfg.k)
     recall, exact_s = None, None
     if spec not in EXACT:
-        exact = top_k(docs(), queries, cfg.k + 1, similarity, "Flat")
+        exact = top_k(docs(), queries, cfg.k + 1, similarity, "Flat", ties=ties)
         recall = recall_vs_exact(_kept_rows(run, doc_row), _kept_rows(_run_of(exact, with_vector, corpus_ids, cfg.k), doc_row))
         exact_s = exact.seconds
 
