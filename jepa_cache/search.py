@@ -91,25 +91,36 @@ def _best(scores: np.ndarray, rows: np.ndarray, ties: np.ndarray | None, k: int)
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
-def _pair_scores(q: np.ndarray, d: np.ndarray, similarity: str) -> np.ndarray:
-    """Score of row i of q against row i of d in float64, each a sum over the vector in numpy's fixed order."""
-    q, d = q.astype(np.float64), d.astype(np.float64)
-    if similarity == "cos":
-        norms = np.sqrt((q * q).sum(1) * (d * d).sum(1))
-        return (q * d).sum(1) / np.maximum(norms, np.finfo(np.float64).tiny)
-    diff = q - d
-    return -(diff * diff).sum(1)
-
-
 def _rescore(queries: np.ndarray, block: np.ndarray, local: np.ndarray, similarity: str) -> np.ndarray:
     """The scores that rank: query i against block row local[i, j] ([n, m]; -1: none, -inf), from the vectors as
-    given (not the float32-normalised copies), computed per pair in float64 and rounded to float32."""
+    given (not the float32-normalised copies), in float64 rounded to float32.
+
+    Every sum runs over one vector's coordinates in numpy's fixed (pairwise) order, so a pair's score
+    does not depend on the threads, the block it sits in or the other pairs rescored with it.
+    """
     out = np.full(local.shape, -np.inf, dtype=np.float32)
-    qi, col = np.nonzero(local >= 0)
-    step = max(1, _RESCORE_ELEMENTS // max(1, block.shape[1]))
-    for start in range(0, len(qi), step):
-        i, c = qi[start : start + step], col[start : start + step]
-        out[i, c] = _pair_scores(queries[i], block[local[i, c]], similarity)
+    valid = local >= 0
+    if not valid.any():
+        return out
+    if similarity == "cos":
+        rows, where = np.unique(local[valid], return_inverse=True)
+        d = block[rows].astype(np.float64)
+        doc_norm = np.zeros(local.shape)
+        doc_norm[valid] = np.sqrt((d * d).sum(-1))[where]
+    step = max(1, _RESCORE_ELEMENTS // max(1, local.shape[1] * block.shape[1]))  # queries per chunk
+    for start in range(0, len(local), step):
+        part, ok = local[start : start + step], valid[start : start + step]
+        d = block[np.where(ok, part, 0)].astype(np.float64)  # [c, m, dim]
+        q = queries[start : start + step].astype(np.float64)[:, None, :]
+        if similarity == "cos":
+            norms = np.sqrt((q * q).sum(-1)) * doc_norm[start : start + step]
+            d *= q
+            scores = d.sum(-1) / np.maximum(norms, np.finfo(np.float64).tiny)
+        else:
+            d -= q
+            d *= d
+            scores = -d.sum(-1)
+        out[start : start + step] = np.where(ok, scores, -np.inf)
     return out
 
 
