@@ -105,7 +105,7 @@ def _rescore(queries: np.ndarray, block: np.ndarray, local: np.ndarray, similari
     if similarity == "cos":
         rows, where = np.unique(local[valid], return_inverse=True)
         d = block[rows].astype(np.float64)
-        doc_norm = np.zeros(local.shape)
+        doc_norm = np.ones(local.shape)  # where no row: anything finite, masked below
         doc_norm[valid] = np.sqrt((d * d).sum(-1))[where]
     step = max(1, _RESCORE_ELEMENTS // max(1, local.shape[1] * block.shape[1]))  # queries per chunk
     for start in range(0, len(local), step):
