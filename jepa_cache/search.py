@@ -100,20 +100,18 @@ def _rescore(queries: np.ndarray, block: np.ndarray, local: np.ndarray, similari
     """
     out = np.full(local.shape, -np.inf, dtype=np.float32)
     valid = local >= 0
-    if not valid.any():
-        return out
-    if similarity == "cos":
-        rows, where = np.unique(local[valid], return_inverse=True)
-        d = block[rows].astype(np.float64)
-        doc_norm = np.ones(local.shape)  # where no row: anything finite, masked below
-        doc_norm[valid] = np.sqrt((d * d).sum(-1))[where]
     step = max(1, _RESCORE_ELEMENTS // max(1, local.shape[1] * block.shape[1]))  # queries per chunk
     for start in range(0, len(local), step):
-        part, ok = local[start : start + step], valid[start : start + step]
-        d = block[np.where(ok, part, 0)].astype(np.float64)  # [c, m, dim]
+        ok = valid[start : start + step]
+        if not ok.any():
+            continue
+        part = np.where(ok, local[start : start + step], local[start : start + step][ok][0])
+        rows, where = np.unique(part, return_inverse=True)
+        docs = block[rows].astype(np.float64)  # each distinct document converted once
+        d = docs[where.reshape(part.shape)]  # [c, m, dim]
         q = queries[start : start + step].astype(np.float64)[:, None, :]
         if similarity == "cos":
-            norms = np.sqrt((q * q).sum(-1)) * doc_norm[start : start + step]
+            norms = np.sqrt((q * q).sum(-1)) * np.sqrt((docs * docs).sum(-1))[where.reshape(part.shape)]
             d *= q
             scores = d.sum(-1) / np.maximum(norms, np.finfo(np.float64).tiny)
         else:
