@@ -99,26 +99,29 @@ def _rescore(queries: np.ndarray, block: np.ndarray, local: np.ndarray, similari
     does not depend on the threads, the block it sits in or the other pairs rescored with it.
     """
     out = np.full(local.shape, -np.inf, dtype=np.float32)
-    valid = local >= 0
-    step = max(1, _RESCORE_ELEMENTS // max(1, local.shape[1] * block.shape[1]))  # queries per chunk
+    dim = block.shape[1]
+    cols = max(1, min(local.shape[1], _RESCORE_ELEMENTS // max(1, dim)))  # tiles of queries x candidates
+    step = max(1, _RESCORE_ELEMENTS // max(1, cols * dim))
     for start in range(0, len(local), step):
-        ok = valid[start : start + step]
-        if not ok.any():
-            continue
-        part = np.where(ok, local[start : start + step], local[start : start + step][ok][0])
-        rows, where = np.unique(part, return_inverse=True)
-        docs = block[rows].astype(np.float64)  # each distinct document converted once
-        d = docs[where.reshape(part.shape)]  # [c, m, dim]
-        q = queries[start : start + step].astype(np.float64)[:, None, :]
-        if similarity == "cos":
-            norms = np.sqrt((q * q).sum(-1)) * np.sqrt((docs * docs).sum(-1))[where.reshape(part.shape)]
-            d *= q
-            scores = d.sum(-1) / np.maximum(norms, np.finfo(np.float64).tiny)
-        else:
-            d -= q
-            d *= d
-            scores = -d.sum(-1)
-        out[start : start + step] = np.where(ok, scores, -np.inf)
+        for col in range(0, local.shape[1], cols):
+            tile = local[start : start + step, col : col + cols]
+            ok = tile >= 0
+            if not ok.any():
+                continue
+            rows, where = np.unique(np.where(ok, tile, tile[ok][0]), return_inverse=True)
+            where = where.reshape(tile.shape)
+            docs = block[rows].astype(np.float64)  # each distinct document converted once
+            d = docs[where]  # [c, m, dim]
+            q = queries[start : start + step].astype(np.float64)[:, None, :]
+            if similarity == "cos":
+                norms = np.sqrt((q * q).sum(-1)) * np.sqrt((docs * docs).sum(-1))[where]
+                d *= q
+                scores = d.sum(-1) / np.maximum(norms, np.finfo(np.float64).tiny)
+            else:
+                d -= q
+                d *= d
+                scores = -d.sum(-1)
+            out[start : start + step, col : col + cols] = np.where(ok, scores, -np.inf)
     return out
 
 

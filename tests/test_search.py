@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from jepa_cache import search
 from jepa_cache.errors import UserError
 from jepa_cache.search import MARGIN, recall_vs_exact, tie_order, top_k
 
@@ -117,7 +118,7 @@ def reference_top_k(docs, queries, k, similarity, ties):
 
 
 @pytest.mark.parametrize("similarity", ["cos", "l2"])
-def test_ranking_ignores_threads_blocks_and_backend(similarity):
+def test_ranking_ignores_threads_blocks_and_backend(similarity, monkeypatch):
     """Near-tied and duplicate documents rank the same with 1 or 2 threads, any block size, FAISS or torch,
     and as a float64 brute force does, ties broken by the given order."""
     import faiss
@@ -141,6 +142,9 @@ def test_ranking_ignores_threads_blocks_and_backend(similarity):
     finally:
         faiss.omp_set_num_threads(before[0])
         torch.set_num_threads(before[1])
+    monkeypatch.setattr(search, "_RESCORE_ELEMENTS", 1000)  # rescored a few pairs at a time
+    monkeypatch.setattr(search, "_TORCH_TILE", 1000)  # widened a few queries at a time
+    runs["small tiles"] = top_k(docs, queries, k, similarity, ties=ties)
     first = runs["Flat, 1 threads, blocks of None, 40 queries"]
     for where, hits in runs.items():
         n = len(hits.indices)
