@@ -99,22 +99,27 @@ def _rescore(queries: np.ndarray, block: np.ndarray, local: np.ndarray, similari
     does not depend on the threads, the block it sits in or the other pairs rescored with it.
     """
     out = np.full(local.shape, -np.inf, dtype=np.float32)
+    valid = local >= 0
     dim = block.shape[1]
+    if similarity == "cos":  # each distinct document's norm once
+        rows, where = np.unique(local[valid], return_inverse=True)
+        row_norm = np.empty(len(rows))
+        for start in range(0, len(rows), max(1, _RESCORE_ELEMENTS // max(1, dim))):
+            d = block[rows[start : start + max(1, _RESCORE_ELEMENTS // max(1, dim))]].astype(np.float64)
+            row_norm[start : start + len(d)] = np.sqrt((d * d).sum(-1))
+        doc_norm = np.ones(local.shape)  # where no row: anything finite, masked below
+        doc_norm[valid] = row_norm[where]
     cols = max(1, min(local.shape[1], _RESCORE_ELEMENTS // max(1, dim)))  # tiles of queries x candidates
     step = max(1, _RESCORE_ELEMENTS // max(1, cols * dim))
     for start in range(0, len(local), step):
         for col in range(0, local.shape[1], cols):
-            tile = local[start : start + step, col : col + cols]
-            ok = tile >= 0
+            tile, ok = local[start : start + step, col : col + cols], valid[start : start + step, col : col + cols]
             if not ok.any():
                 continue
-            rows, where = np.unique(np.where(ok, tile, tile[ok][0]), return_inverse=True)
-            where = where.reshape(tile.shape)
-            docs = block[rows].astype(np.float64)  # each distinct document converted once
-            d = docs[where]  # [c, m, dim]
+            d = block[np.where(ok, tile, 0)].astype(np.float64)  # [c, m, dim]
             q = queries[start : start + step].astype(np.float64)[:, None, :]
             if similarity == "cos":
-                norms = np.sqrt((q * q).sum(-1)) * np.sqrt((docs * docs).sum(-1))[where]
+                norms = np.sqrt((q * q).sum(-1)) * doc_norm[start : start + step, col : col + cols]
                 d *= q
                 scores = d.sum(-1) / np.maximum(norms, np.finfo(np.float64).tiny)
             else:
