@@ -15,7 +15,7 @@ import numpy as np
 from . import nudge
 from .corrections import Corrections
 from .errors import UserError
-from .metrics import score
+from .metrics import score, truncate
 from .pairs import DEV_SEED, Pairs
 from .store import Store
 
@@ -85,9 +85,9 @@ def dev_ndcg(corpus_ids: Sequence[str], held: nudge.Held, dev: Labelled, rows: n
         cand = {corpus_ids[rows[j]]: float(s[i, j]) for j in top[i]}
         cand.update({corpus_ids[r]: float(x) for r, x in zip(held.top_rows[i], held.top_scores[i]) if r >= 0})
         cand.pop(qid, None)
-        run[qid] = dict(sorted(cand.items(), key=lambda kv: (-kv[1], kv[0]))[:10])
+        run[qid] = cand
         qrels[qid] = {corpus_ids[a]: 1 for a in dev.answers[i]}
-    return score(qrels, run, recall_at=10)[0]["ndcg@10"]
+    return score(qrels, truncate(run, 10), recall_at=10)[0]["ndcg@10"]
 
 
 def choose(cfg: AdaptConfig, corpus: np.ndarray, corpus_ids: Sequence[str], fit: Labelled, dev: Labelled,

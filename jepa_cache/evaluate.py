@@ -31,7 +31,7 @@ from .datasets import BeirDataset, find_dataset, read_qrels
 from .errors import UserError
 from .files import atomic_path, atomic_write_bytes, atomic_write_json, check_writable, exclusive_lock
 from .metrics import run_of_hits, score
-from .search import EXACT, _faiss, check_similarity, recall_vs_exact, top_k
+from .search import EXACT, _faiss, check_similarity, recall_vs_exact, tie_order, top_k
 from .models import model_folder_name
 from .store import Store, check_dataset, default_store_path, now_iso, open_store, package_versions
 
@@ -189,8 +189,8 @@ def _evaluate_one(prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, simi
     in_memory = store.corpus.rows <= block_rows  # fits: read (and project) once, reuse for the exact reference
     corpus = next(blocks(), np.zeros((0, store.dim), np.float32)) if in_memory else None
 
-    def docs() -> np.ndarray | Iterator[np.ndarray]:
-        return corpus if in_memory else blocks()
+    def docs() -> np.ndarray | Callable[[], Iterator[np.ndarray]]:
+        return corpus if in_memory else blocks
 
     t_load = time.perf_counter() - t0
 
@@ -200,11 +200,12 @@ def _evaluate_one(prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, simi
         from .encoder import pick_device  # noqa: PLC0415  (torch)
 
         device = pick_device(cfg.device)
-    hits = top_k(docs(), queries, cfg.k + 1, similarity, spec, params=cfg.faiss_params, device=device)
+    ties = tie_order(corpus_ids)
+    hits = top_k(docs(), queries, cfg.k + 1, similarity, spec, params=cfg.faiss_params, device=device, ties=ties)
     run = run_of_hits(hits, with_vector, corpus_ids, cfg.k)
     recall, exact_s = None, None
     if spec not in EXACT:
-        exact = top_k(docs(), queries, cfg.k + 1, similarity, "Flat")
+        exact = top_k(docs(), queries, cfg.k + 1, similarity, "Flat", ties=ties)
         recall = recall_vs_exact(_kept_rows(run, doc_row), _kept_rows(run_of_hits(exact, with_vector, corpus_ids, cfg.k), doc_row))
         exact_s = exact.seconds
 

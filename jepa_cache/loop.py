@@ -23,7 +23,7 @@ from .heads import Heads
 from .losses import PART_NAMES, JEPASIGRegLoss, first_nonfinite
 from .metrics import run_of_hits, score
 from .pairs import PairIndex, Pairs, repeated
-from .search import top_k
+from .search import tie_order, top_k
 from .sources import EmbeddingSource
 from .store import Store
 
@@ -87,7 +87,8 @@ class DevSet:
         else:
             queries, docs = heads.encode_queries(self.queries), heads.encode_documents(self.corpus)
             similarity = heads.similarity
-        hits = top_k(docs.float().cpu().numpy(), queries.float().cpu().numpy(), 11, similarity, "torch")
+        hits = top_k(docs.float().cpu().numpy(), queries.float().cpu().numpy(), 11, similarity, "torch",
+                     ties=tie_order(self.corpus_ids))
         run = {q: dict(docs) for q, docs in run_of_hits(hits, self.query_ids, self.corpus_ids, 11).items()}
         return score(self.qrels, run, recall_at=10)[0]["ndcg@10"]
 

@@ -25,7 +25,8 @@ def run_of_hits(hits, query_ids: list[str], corpus_ids: list[str], k: int) -> di
     """Per query, its k best (doc id, score) from top-k `hits` (`.indices`, `.scores`; -1: no hit).
 
     A hit whose id equals the query id is dropped, as BEIR does (ArguAna's queries are corpus
-    documents): retrieve k + 1 so that k remain.
+    documents): retrieve k + 1 so that k remain. `hits` come ranked by search.tie_order (score
+    descending, then larger id first: how pytrec_eval re-ranks), so the k kept are the ones it would keep.
     """
     run: dict[str, list[tuple[str, float]]] = {}
     for qid, rows, scores in zip(query_ids, hits.indices, hits.scores):

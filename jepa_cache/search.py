@@ -1,11 +1,16 @@
 """Top-k retrieval: FAISS (exact `Flat`, or any factory string such as `HNSW32`, `IVF1024,Flat`) or exact torch matmul.
 
 Scores are always "higher is better": `cos` is the inner product of L2-normalised vectors, `l2` is
-minus the squared Euclidean distance, so rank order, TREC run files and pytrec_eval (which ranks
-by score) agree for both. The corpus may come as one array or as blocks in row order: exact search
-then keeps a running top-k merged block by block, so a corpus larger than memory is searched
-exactly; an approximate index is filled block by block (trained on the first block). FAISS runs
-on the GPU when it was built with GPU support and one is visible.
+minus the squared Euclidean distance. Rankings are deterministic: the backend only proposes
+candidates (float32, whose last bits depend on threads, blocking and the library); every candidate
+is rescored in float64 in a fixed order and rounded to float32, and ties are broken by a given
+order (eval: trec_eval's, larger document id first), so threads, `--block-rows` and FAISS vs torch
+give the same ranking and scores, and pytrec_eval ranks the written run as we did. For exact
+search a query's candidates are widened until no document outside them can reach its k-th score
+(float32 error bound; TF32 matmuls would void it). The corpus may come as one array or as a
+function yielding blocks in row order: exact search keeps a running top-k merged block by block;
+an approximate index is filled block by block (trained on the first block), and its candidates
+are rescored in a second pass. FAISS runs on the GPU when built with GPU support and one is visible.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -21,7 +26,10 @@ from .errors import UserError
 
 SIMILARITIES = ("cos", "l2")
 EXACT = ("Flat", "torch")
+MARGIN = 16  # candidates beyond k asked of the backend per block, so rank k is rarely in doubt
 _TORCH_TILE = 1 << 26  # query rows x doc rows scored at once on the torch path (256 MiB of float32)
+_RESCORE_ELEMENTS = 1 << 22  # float64 values per operand rescored at once (32 MiB)
+_U = 2.0**-24  # float32 unit roundoff
 
 
 @dataclass
@@ -32,7 +40,7 @@ class Hits:
     indices: np.ndarray
     backend: str  # what searched, e.g. "faiss-cpu Flat", "torch cpu"
     seconds: float = 0.0  # everything: reading blocks, building (training) the index, searching
-    search_seconds: float = 0.0  # the searches alone
+    search_seconds: float = 0.0  # searching and rescoring (not reading blocks or building the index)
 
     @property
     def queries_per_second(self) -> float:
@@ -57,16 +65,109 @@ def prepare(x: np.ndarray, similarity: str) -> np.ndarray:
     return y
 
 
-def merge_top_k(scores_a: np.ndarray, idx_a: np.ndarray, scores_b: np.ndarray, idx_b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The best k of two top-k lists per query (higher score first; stable, so earlier rows win ties)."""
-    scores = np.concatenate([scores_a, scores_b], axis=1)
-    idx = np.concatenate([idx_a, idx_b], axis=1)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(idx, order, axis=1)
+def tie_order(ids: list[str]) -> np.ndarray:
+    """Per row, its place among equal scores as trec_eval (and so pytrec_eval) ranks them: larger id first.
+
+    trec_eval sorts a query's documents by score, then by docno with strcmp, descending; Python's
+    string order is strcmp's on UTF-8. Ranking with this order makes our run files, our top-k cut and
+    MRR@10's truncation (metrics.truncate) agree with pytrec_eval on every tie.
+    """
+    order = np.empty(len(ids), dtype=np.int64)
+    order[sorted(range(len(ids)), key=ids.__getitem__, reverse=True)] = np.arange(len(ids))
+    return order
 
 
 def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
+
+
+def _best(scores: np.ndarray, rows: np.ndarray, ties: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query the k best (score descending, then `ties[row]` ascending, row number when None); -inf / -1 pad."""
+    if scores.shape[1] < k:
+        pad_s, pad_r = _empty(len(scores), k - scores.shape[1])
+        scores, rows = np.concatenate([scores, pad_s], axis=1), np.concatenate([rows, pad_r], axis=1)
+    key = np.where(rows >= 0, rows if ties is None else ties[rows], np.iinfo(np.int64).max)
+    order = np.lexsort((key, -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+
+def _rescore(queries: np.ndarray, block: np.ndarray, local: np.ndarray, similarity: str) -> np.ndarray:
+    """The scores that rank: query i against block row local[i, j] ([n, m]; -1: none, -inf), from the vectors as
+    given (not the float32-normalised copies), in float64 rounded to float32.
+
+    Every sum runs over one vector's coordinates in numpy's fixed (pairwise) order, so a pair's score
+    does not depend on the threads, the block it sits in or the other pairs rescored with it.
+    """
+    out = np.full(local.shape, -np.inf, dtype=np.float32)
+    valid = local >= 0
+    dim = block.shape[1]
+    if similarity == "cos":  # each distinct document's norm once
+        rows, where = np.unique(local[valid], return_inverse=True)
+        row_norm = np.empty(len(rows))
+        for start in range(0, len(rows), max(1, _RESCORE_ELEMENTS // max(1, dim))):
+            d = block[rows[start : start + max(1, _RESCORE_ELEMENTS // max(1, dim))]].astype(np.float64)
+            row_norm[start : start + len(d)] = np.sqrt((d * d).sum(-1))
+        doc_norm = np.ones(local.shape)  # where no row: anything finite, masked below
+        doc_norm[valid] = row_norm[where]
+    cols = max(1, min(local.shape[1], _RESCORE_ELEMENTS // max(1, dim)))  # tiles of queries x candidates
+    step = max(1, _RESCORE_ELEMENTS // max(1, cols * dim))
+    for start in range(0, len(local), step):
+        for col in range(0, local.shape[1], cols):
+            tile, ok = local[start : start + step, col : col + cols], valid[start : start + step, col : col + cols]
+            if not ok.any():
+                continue
+            d = block[np.where(ok, tile, 0)].astype(np.float64)  # [c, m, dim]
+            q = queries[start : start + step].astype(np.float64)[:, None, :]
+            if similarity == "cos":
+                norms = np.sqrt((q * q).sum(-1)) * doc_norm[start : start + step, col : col + cols]
+                d *= q
+                scores = d.sum(-1) / np.maximum(norms, np.finfo(np.float64).tiny)
+            else:
+                d -= q
+                d *= d
+                scores = -d.sum(-1)
+            out[start : start + step, col : col + cols] = np.where(ok, scores, -np.inf)
+    return out
+
+
+def _slack(q: np.ndarray, block: np.ndarray, similarity: str) -> np.ndarray:
+    """Per query, a bound on |float32 score of prepared vectors - _rescore's score| for this block.
+
+    A float32 dot product of n terms errs by at most n*u*sum|q_i d_i| in any summation order; the
+    float32 normalisation adds about as much again (cos), and |q|^2 + |d|^2 - 2 q.d by at most
+    (n + 3) u (|q| + |d|)^2 (l2).
+    """
+    scale = 1.0
+    if similarity == "l2":
+        d_max = float(np.sqrt(np.max(np.einsum("ij,ij->i", block, block, dtype=np.float64), initial=0.0)))
+        scale = (np.linalg.norm(q.astype(np.float64), axis=1) + d_max) ** 2 * 1.01
+    return np.broadcast_to((2 * q.shape[1] + 16) * _U * scale, (len(q),))
+
+
+def _reach(approx: np.ndarray, slack: np.ndarray) -> np.ndarray:
+    """The highest float32 score a document with these backend scores can have: what it must beat to be left out."""
+    return (approx.astype(np.float64) + slack).astype(np.float32)
+
+
+def _float32_scores(block: np.ndarray, q: np.ndarray, similarity: str) -> np.ndarray:
+    scores = q @ block.T
+    if similarity == "l2":
+        scores = 2 * scores - np.einsum("ij,ij->i", block, block)[None, :] - np.einsum("ij,ij->i", q, q)[:, None]
+    return scores
+
+
+def _widen(queries, q, block, prepared, kth, slack, similarity, offset, ties, k) -> tuple[np.ndarray, np.ndarray]:
+    """The block's exact top-k for queries whose k-th score a document outside the backend's candidates might
+    reach: every row whose float32 score comes within the error bound is rescored."""
+    scores, rows = _empty(len(q), k)
+    step = max(1, _TORCH_TILE // max(1, len(prepared)))
+    for start in range(0, len(q), step):
+        approx = _float32_scores(prepared, q[start : start + step], similarity)
+        for i, row in enumerate(approx, start):
+            local = np.nonzero(_reach(row, slack[i]) >= kth[i])[0][None, :]
+            s, r = _best(_rescore(queries[i : i + 1], block, local, similarity), local + offset, ties, k)
+            scores[i], rows[i] = s[0], r[0]
+    return scores, rows
 
 
 def _faiss():
@@ -103,62 +204,82 @@ def _from_faiss(distances: np.ndarray, labels: np.ndarray, similarity: str) -> t
     return scores.astype(np.float32, copy=False), labels.astype(np.int64, copy=False)
 
 
-def _blocks(doc_vecs: np.ndarray | Iterable[np.ndarray]) -> Iterable[np.ndarray]:
-    return [doc_vecs] if isinstance(doc_vecs, np.ndarray) else doc_vecs
+Searcher = Callable[[np.ndarray], tuple[Callable[[int], tuple[np.ndarray, np.ndarray]], str]]
 
 
-def _exact_faiss(blocks: Iterable[np.ndarray], q: np.ndarray, k: int, similarity: str):
+def _faiss_flat(q: np.ndarray, similarity: str) -> Searcher:
     faiss = _faiss()
-    best = _empty(len(q), k)
-    where, offset, spent = "faiss-cpu", 0, 0.0
-    for block in blocks:
-        block = prepare(block, similarity)
+
+    def open_block(block: np.ndarray):
         flat = faiss.IndexFlatIP(block.shape[1]) if similarity == "cos" else faiss.IndexFlatL2(block.shape[1])
         index, where = _to_gpu(flat)
         index.add(block)
-        t0 = time.perf_counter()
-        scores, labels = _from_faiss(*index.search(q, min(k, len(block))), similarity)
-        spent += time.perf_counter() - t0
-        best = merge_top_k(*best, scores, np.where(labels >= 0, labels + offset, -1), k)
-        offset += len(block)
-        del block, flat, index  # before the next block is read: one block (and its index copy) alive at a time
-    return *best, f"{where} Flat", spent
+        return (lambda m: _from_faiss(*index.search(q, m), similarity)), f"{where} Flat"
+
+    return open_block
 
 
-def _exact_torch(blocks: Iterable[np.ndarray], q: np.ndarray, k: int, similarity: str, device):
+def _torch_matmul(q: np.ndarray, similarity: str, device) -> Searcher:
     import torch  # noqa: PLC0415
 
     device = torch.device(device or "cpu")
     queries = torch.from_numpy(q).to(device)
-    best = _empty(len(q), k)
-    offset, spent = 0, 0.0
-    with torch.inference_mode():
-        for block in blocks:
-            docs = torch.from_numpy(prepare(block, similarity)).to(device)
-            doc_sq = (docs * docs).sum(1) if similarity == "l2" else None
-            t0 = time.perf_counter()
+
+    def open_block(block: np.ndarray):
+        docs = torch.from_numpy(block).to(device)
+        doc_sq = (docs * docs).sum(1) if similarity == "l2" else None
+
+        def search(m: int) -> tuple[np.ndarray, np.ndarray]:
             step = max(1, _TORCH_TILE // max(1, len(docs)))
             top_s, top_i = [], []
-            for start in range(0, len(queries), step):
-                qb = queries[start : start + step]
-                scores = qb @ docs.T
-                if doc_sq is not None:  # -(|q|^2 - 2 q.d + |d|^2)
-                    scores = 2 * scores - doc_sq[None, :] - (qb * qb).sum(1, keepdim=True)
-                s, i = torch.topk(scores, min(k, len(docs)), dim=1)
-                top_s.append(s.float().cpu().numpy())
-                top_i.append(i.cpu().numpy() + offset)
-            spent += time.perf_counter() - t0
-            best = merge_top_k(*best, np.concatenate(top_s), np.concatenate(top_i).astype(np.int64), k)
-            offset += len(docs)
-            del block, docs, doc_sq  # before the next block is read
-    return *best, f"torch {device.type}", spent
+            with torch.inference_mode():
+                for start in range(0, len(queries), step):
+                    qb = queries[start : start + step]
+                    scores = qb @ docs.T
+                    if doc_sq is not None:  # -(|q|^2 - 2 q.d + |d|^2)
+                        scores = 2 * scores - doc_sq[None, :] - (qb * qb).sum(1, keepdim=True)
+                    s, i = torch.topk(scores, m, dim=1)
+                    top_s.append(s.float().cpu().numpy())
+                    top_i.append(i.cpu().numpy())
+            return np.concatenate(top_s), np.concatenate(top_i).astype(np.int64)
+
+        return search, f"torch {device.type}"
+
+    return open_block
 
 
-def _approximate(blocks: Iterable[np.ndarray], q: np.ndarray, k: int, similarity: str, spec: str, params: str | None):
+def _exact(blocks: Iterable[np.ndarray], queries: np.ndarray, q: np.ndarray, k: int, similarity: str,
+           ties: np.ndarray | None, open_block: Searcher):
+    """Block by block: the backend's k + MARGIN best, rescored; widened where rank k is in doubt; merged."""
+    best = _empty(len(q), k)
+    backend, offset, spent = "", 0, 0.0
+    for block in blocks:
+        prepared = prepare(block, similarity)
+        search, backend = open_block(prepared)
+        t0 = time.perf_counter()
+        m = min(k + MARGIN, len(block))
+        approx, local = search(m)
+        scores, rows = _best(_rescore(queries, block, local, similarity), np.where(local >= 0, local + offset, -1), ties, k)
+        if m < len(block):  # rows the backend did not return score at most approx[:, -1] (+ error): can one reach rank k?
+            slack = _slack(q, prepared, similarity)
+            doubt = np.nonzero(_reach(approx[:, -1], slack) >= scores[:, k - 1])[0]
+            if len(doubt):
+                scores[doubt], rows[doubt] = _widen(queries[doubt], q[doubt], block, prepared, scores[doubt, k - 1], slack[doubt],
+                                                    similarity, offset, ties, k)
+        best = _best(np.concatenate([best[0], scores], axis=1), np.concatenate([best[1], rows], axis=1), ties, k)
+        spent += time.perf_counter() - t0
+        offset += len(block)
+        del block, prepared, search  # before the next block is read: one block (and its index copy) alive at a time
+    return *best, backend, spent
+
+
+def _approximate(blocks: Callable[[], Iterable[np.ndarray]], queries: np.ndarray, q: np.ndarray, k: int, similarity: str,
+                 spec: str, params: str | None, ties: np.ndarray | None):
+    """Fill the index block by block, take its k + MARGIN candidates, rescore them in a second pass over the blocks."""
     faiss = _faiss()
     metric = faiss.METRIC_INNER_PRODUCT if similarity == "cos" else faiss.METRIC_L2
     index, where = None, "faiss-cpu"
-    for block in blocks:
+    for block in blocks():
         block = prepare(block, similarity)
         if index is None:
             try:
@@ -181,12 +302,17 @@ def _approximate(blocks: Iterable[np.ndarray], q: np.ndarray, k: int, similarity
     if index is None:
         return *_empty(len(q), k), f"{where} {spec}", 0.0
     t0 = time.perf_counter()
-    scores, labels = _from_faiss(*index.search(q, k), similarity)
-    return scores, labels, f"{where} {spec}" + (f" ({params})" if params else ""), time.perf_counter() - t0
+    _, labels = _from_faiss(*index.search(q, k + MARGIN), similarity)
+    scores, offset = np.full(labels.shape, -np.inf, dtype=np.float32), 0
+    for block in blocks():
+        local = np.where((labels >= offset) & (labels < offset + len(block)), labels - offset, -1)
+        scores = np.where(local >= 0, _rescore(queries, block, local, similarity), scores)
+        offset += len(block)
+    return *_best(scores, labels, ties, k), f"{where} {spec}" + (f" ({params})" if params else ""), time.perf_counter() - t0
 
 
 def top_k(
-    doc_vecs: np.ndarray | Iterable[np.ndarray],
+    doc_vecs: np.ndarray | Callable[[], Iterable[np.ndarray]],
     query_vecs: np.ndarray,
     k: int,
     similarity: str = "cos",
@@ -194,14 +320,17 @@ def top_k(
     *,
     params: str | None = None,
     device=None,
+    ties: np.ndarray | None = None,
 ) -> Hits:
-    """The k best documents for each query.
+    """The k best documents for each query, by float64 score rounded to float32, then `ties`.
 
     Args:
-        doc_vecs: the corpus, one array or an iterable of blocks in row order (for corpora larger than memory).
+        doc_vecs: the corpus, one array or a function returning its blocks in row order (for corpora larger than
+            memory; called once, or twice for an approximate index).
         index: "Flat" (exact, FAISS), "torch" (exact, torch matmul on `device`), or another FAISS factory string.
         params: FAISS search parameters for an approximate index, e.g. "nprobe=32" or "efSearch=128".
         device: torch device for index="torch" (default CPU).
+        ties: [n_docs] int, lower ranks first among equal scores (e.g. tie_order(ids)); default the row number.
 
     Shape:
         doc_vecs [n_docs, dim], query_vecs [n_queries, dim] -> Hits with [n_queries, k] arrays
@@ -209,14 +338,15 @@ def top_k(
     check_similarity(similarity)
     if k <= 0:
         raise UserError(f"--k {k}: must be a positive integer")
-    q = prepare(query_vecs, similarity)
+    queries = np.asarray(query_vecs)
+    q = prepare(queries, similarity)
+    blocks = (lambda: [doc_vecs]) if isinstance(doc_vecs, np.ndarray) else doc_vecs
     t0 = time.perf_counter()
-    if index == "torch":
-        scores, labels, backend, spent = _exact_torch(_blocks(doc_vecs), q, k, similarity, device)
-    elif index == "Flat":
-        scores, labels, backend, spent = _exact_faiss(_blocks(doc_vecs), q, k, similarity)
+    if index in EXACT:
+        searcher = _torch_matmul(q, similarity, device) if index == "torch" else _faiss_flat(q, similarity)
+        scores, labels, backend, spent = _exact(blocks(), queries, q, k, similarity, ties, searcher)
     else:
-        scores, labels, backend, spent = _approximate(_blocks(doc_vecs), q, k, similarity, index, params)
+        scores, labels, backend, spent = _approximate(blocks, queries, q, k, similarity, index, params, ties)
     return Hits(scores, labels, backend, time.perf_counter() - t0, spent)
 
 

@@ -189,6 +189,59 @@ def test_blockwise_and_approximate_agree_with_exact(setup):
     assert ivf["search"]["recall_vs_exact"] == 1.0 and ivf["metrics"] == pytest.approx(whole["metrics"])
 
 
+def test_ranking_is_deterministic_and_is_pytrec_evals(setup):
+    """Groups of 4 identical documents (different ids), queries near one relevant member: FAISS or torch, any
+    --block-rows, 1 or 2 threads write the same run; it is the float64 brute-force ranking with ties broken as
+    trec_eval breaks them (larger id first), so the k kept are the first k of the full ranking and the rank of the
+    first relevant document in our file is the one pytrec_eval's reciprocal rank sees."""
+    import faiss
+    import torch
+
+    docs, doc_ids, query_ids = setup["docs"], setup["doc_ids"], setup["query_ids"]
+    docs[:] = docs[np.arange(len(docs)) // 4 * 4]
+    qrels = read_qrels(BeirDataset("tiny", setup["root"]).qrels_path("test"))
+    rng = np.random.default_rng(1)
+    for i, q in enumerate(query_ids):
+        first = doc_ids.index(next(iter(qrels.get(q, {"d0": 1}))))
+        setup["queries"][i] = docs[first] + rng.normal(scale=0.3, size=DIM)
+    store = setup["make_store"]()
+    runs = {}
+    before = faiss.omp_get_max_threads(), torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            faiss.omp_set_num_threads(threads)
+            torch.set_num_threads(threads)
+            for index, rows in (("faiss", None), ("faiss", 7), ("torch", None), ("torch", 5)):
+                out = setup["tmp"] / f"out-{threads}-{index}-{rows}"
+                evaluate(EvalConfig(datasets=[str(setup["root"])], store=str(store.path), k=10, out=str(out), index=index,
+                                    block_rows=rows), log=lambda s: None)
+                runs[f"{index}, {threads} threads, blocks of {rows}"] = (out / "tiny" / "run.trec").read_text()
+    finally:
+        faiss.omp_set_num_threads(before[0])
+        torch.set_num_threads(before[1])
+    first = runs["faiss, 1 threads, blocks of None"]
+    for where, text in runs.items():
+        assert text == first, where
+
+    d, qv = docs.astype(np.float64), setup["queries"].astype(np.float64)
+    s = ((qv @ d.T) / np.outer(np.linalg.norm(qv, axis=1), np.linalg.norm(d, axis=1))).astype(np.float32)
+    ours = {}
+    for line in first.splitlines():
+        q, _, doc, rank, score, _ = line.split()
+        ours.setdefault(q, []).append((doc, np.float32(score)))
+    for q in qrels:
+        i = query_ids.index(q)
+        want = sorted(((doc_ids[j], s[i, j]) for j in range(len(doc_ids))), key=lambda t: (t[1], t[0]), reverse=True)[:10]
+        assert ours[q] == want, q
+    tied = sum(1 for docs_ in ours.values() for a, b in zip(docs_, docs_[1:]) if a[1] == b[1])
+    assert tied >= 20  # the ties this test is about did happen
+    with open(setup["tmp"] / "out-1-faiss-None" / "tiny" / "run.trec") as f:
+        mrr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(pytrec_eval.parse_run(f))
+    for q, docs_ in ours.items():
+        ranks = [r for r, (doc, _) in enumerate(docs_, 1) if qrels[q].get(doc, 0) > 0]
+        assert mrr[q]["recip_rank"] == (1 / ranks[0] if ranks else 0), q
+
+
 def test_several_datasets_use_their_default_stores(tmp_path, monkeypatch):
     """`--dataset a,b`: each dataset's store at data/cache/<dataset>/<model folder>, one result each."""
     monkeypatch.chdir(tmp_path)
@@ -241,6 +294,9 @@ def test_imported_scifact_reference_reproduces_mteb(tmp_path):
                    log=lambda s: None)["datasets"]["scifact"]
     assert res["metrics"]["ndcg@10"] == pytest.approx(PUBLISHED["scifact"], abs=0.003)
     assert res["store"]["imported"] and res["queries"]["searched"] == 300
+    # the ranking and its scores do not depend on the machine, threads or BLAS: the committed run, byte for byte
+    with gzip.open(RUNS / "scifact-vanilla-mpnet.trec.gz", "rt") as f:
+        assert Path(res["files"]["trec"]).read_text() == f.read()
 
 
 @needs_shared

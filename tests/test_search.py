@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
+from jepa_cache import search
 from jepa_cache.errors import UserError
-from jepa_cache.search import merge_top_k, recall_vs_exact, top_k
+from jepa_cache.search import MARGIN, recall_vs_exact, tie_order, top_k
 
 
 def brute_force(docs: np.ndarray, queries: np.ndarray, k: int, similarity: str):
@@ -37,10 +38,9 @@ def test_exact_equals_brute_force(data, similarity, index):
 def test_blockwise_equals_whole(data, index):
     docs, queries = data
     whole = top_k(docs, queries, 25, "cos", index)
-    blocks = (docs[i : i + 64] for i in range(0, len(docs), 64))
-    parts = top_k(blocks, queries, 25, "cos", index)
+    parts = top_k(lambda: (docs[i : i + 64] for i in range(0, len(docs), 64)), queries, 25, "cos", index)
     assert (parts.indices == whole.indices).all()
-    assert np.allclose(parts.scores, whole.scores, atol=1e-6)
+    assert np.array_equal(parts.scores, whole.scores)
 
 
 def test_k_beyond_corpus_is_padded(data):
@@ -48,11 +48,6 @@ def test_k_beyond_corpus_is_padded(data):
     hits = top_k(docs[:5], queries, 8)
     assert (hits.indices[:, 5:] == -1).all() and np.isneginf(hits.scores[:, 5:]).all()
     assert sorted(hits.indices[0, :5]) == [0, 1, 2, 3, 4]
-
-
-def test_merge_top_k():
-    s, i = merge_top_k(np.array([[0.9, 0.1]]), np.array([[1, 2]]), np.array([[0.5, 0.4]]), np.array([[7, 8]]), 3)
-    assert i.tolist() == [[1, 7, 8]] and s.tolist() == [[0.9, 0.5, 0.4]]
 
 
 def test_approximate_index_and_recall(data):
@@ -84,3 +79,95 @@ def test_prepare_never_modifies_the_callers_vectors(tmp_path):
         out = prepare(given, "cos")
         np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-6)
         assert np.array_equal(np.asarray(given), before)
+
+
+def near_ties(dim: int = 384, largest: int = 3 * MARGIN, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Documents whose scores differ by less than float32 summation error, and exact duplicates.
+
+    Groups of copies of one vector, each copy moved by a float32 ulp or two in random coordinates
+    (some copies end up identical), so within a group the float64 scores differ by ~1e-9 while a
+    float32 dot product of `dim` terms errs by ~1e-6; the `largest` group, when larger than MARGIN,
+    straddles rank k, so the backend's candidates must be widened. Queries sit near the groups.
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((12, dim)).astype(np.float32)
+    sizes = [largest] + [8] * 11
+    docs = []
+    for b, size in zip(base, sizes):
+        for _ in range(size):
+            copy = b.copy()
+            j = rng.choice(dim, size=4, replace=False)
+            copy[j] = np.nextafter(copy[j], rng.choice([-np.inf, np.inf], size=4).astype(np.float32))
+            docs.append(copy if rng.random() < 0.7 else b)
+    docs = np.concatenate([np.stack(docs), rng.standard_normal((300, dim)).astype(np.float32)])
+    docs = docs[rng.permutation(len(docs))]  # copies spread over blocks
+    queries = (base[rng.integers(0, 12, size=40)] + 0.3 * rng.standard_normal((40, dim))).astype(np.float32)
+    return docs, queries
+
+
+def reference_top_k(docs, queries, k, similarity, ties):
+    """float64 scores rounded to float32, ranked by (-score, ties), by brute force."""
+    d, q = docs.astype(np.float64), queries.astype(np.float64)
+    if similarity == "cos":
+        s = (q @ d.T) / np.outer(np.linalg.norm(q, axis=1), np.linalg.norm(d, axis=1))
+    else:
+        s = -((q[:, None, :] - d[None, :, :]) ** 2).sum(-1)
+    s = s.astype(np.float32)
+    order = np.array([sorted(range(len(d)), key=lambda j: (-s[i, j], ties[j]))[:k] for i in range(len(q))])
+    return np.take_along_axis(s, order, axis=1), order
+
+
+@pytest.mark.parametrize("similarity", ["cos", "l2"])
+def test_ranking_ignores_threads_blocks_and_backend(similarity, monkeypatch):
+    """Near-tied and duplicate documents rank the same with 1 or 2 threads, any block size, FAISS or torch,
+    and as a float64 brute force does, ties broken by the given order."""
+    import faiss
+    import torch
+
+    docs, queries = near_ties()
+    k = 30
+    ties = tie_order([f"d{i}" for i in range(len(docs))])
+    want_s, want_i = reference_top_k(docs, queries, k, similarity, ties)
+    runs = {}
+    before = faiss.omp_get_max_threads(), torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            faiss.omp_set_num_threads(threads)
+            torch.set_num_threads(threads)
+            for index in ("Flat", "torch"):
+                for rows in (None, 64, 7):
+                    corpus = docs if rows is None else (lambda r=rows: (docs[i : i + r] for i in range(0, len(docs), r)))
+                    for n in (40, 5):  # FAISS takes another code path under 20 queries
+                        runs[f"{index}, {threads} threads, blocks of {rows}, {n} queries"] = top_k(corpus, queries[:n], k, similarity, index, ties=ties)
+    finally:
+        faiss.omp_set_num_threads(before[0])
+        torch.set_num_threads(before[1])
+    monkeypatch.setattr(search, "_RESCORE_ELEMENTS", 1000)  # rescored a few pairs at a time
+    monkeypatch.setattr(search, "_TORCH_TILE", 1000)  # widened a few queries at a time
+    runs["small tiles"] = top_k(docs, queries, k, similarity, ties=ties)
+    first = runs["Flat, 1 threads, blocks of None, 40 queries"]
+    for where, hits in runs.items():
+        n = len(hits.indices)
+        assert np.array_equal(hits.indices, first.indices[:n]) and np.array_equal(hits.scores, first.scores[:n]), where
+    assert np.array_equal(first.indices, want_i) and np.array_equal(first.scores, want_s)
+
+
+def test_approximate_candidates_are_rescored():
+    docs, queries = near_ties(largest=8)  # no tie group wider than the MARGIN extra candidates
+    ties = tie_order([f"d{i}" for i in range(len(docs))])
+    exact = top_k(docs, queries, 10, ties=ties)
+    ivf = top_k(lambda: (docs[i : i + 200] for i in range(0, len(docs), 200)), queries, 10, index="IVF4,Flat",
+                params="nprobe=4", ties=ties)  # every list probed: the same candidates, so the same ranking
+    assert np.array_equal(ivf.indices, exact.indices) and np.array_equal(ivf.scores, exact.scores)
+
+
+def test_tie_order_is_pytrec_evals():
+    """pytrec_eval ranks equal scores by document id, larger first (bytes of UTF-8); tie_order says the same."""
+    import pytrec_eval
+
+    ids = ["d1", "d10", "d9", "D2", "d2", "é", "z", "a b", "10", "9"]
+    order = tie_order(ids)
+    for rel in ids:
+        run = {"q": {d: 0.5 for d in ids}}
+        got = pytrec_eval.RelevanceEvaluator({"q": {rel: 1}}, {"recip_rank"}).evaluate(run)["q"]["recip_rank"]
+        assert got == 1 / (order[ids.index(rel)] + 1), rel
