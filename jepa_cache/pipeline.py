@@ -21,7 +21,8 @@ from .models import DEFAULT_MODEL
 from .presets import DEFAULT_PRESET, LIVE_PRESET
 
 REFERENCE_ENV = "JEPA_CACHE_REFERENCE"
-KINDS = ("vanilla", "frozen-isotropy", "frozen-predictor", "full", "hybrid")
+KINDS = ("vanilla", "nudge", "frozen-isotropy", "frozen-predictor", "full", "hybrid")
+UNTRAINED = ("vanilla", "nudge")  # no heads: the base vectors, or NUDGE-N's corrections of them as published
 LIVE_KINDS = ("full", "hybrid")
 VECTORS = ("reference", "build")
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"store", "out", "dataset", "data_dir", "train_split", "seed", "strategy",
@@ -91,7 +92,9 @@ def _option_type(path: Path, where: str, value: Any, annotation: str) -> None:
 
 def _resolve(path: Path, where: str, strategy: Strategy) -> None:
     """Resolve a strategy's settings as its stage will, so a bad value is refused before any stage runs."""
-    if strategy.kind == "vanilla":
+    if strategy.kind in UNTRAINED:
+        if strategy.options:
+            raise UserError(f"{path}: {where} ({strategy.name}): kind {strategy.kind} takes no options")
         return
     try:
         if strategy.kind in LIVE_KINDS:
@@ -293,17 +296,44 @@ class Runner:
         encoder = read_json(out / SUMMARY_FILE)["encoder"]
         return out, Path(encoder["path"]) if encoder["changed"] else None
 
+    def nudge(self, seed: int) -> Path:
+        """NUDGE-N as published (nudge-ft's choice of γ on a held-out 20%, seeded by `seed`; no refit), or reuse it."""
+        from .adapt import AdaptConfig, adapt_store  # noqa: PLC0415
+        from .datasets import find_dataset  # noqa: PLC0415
+        from .files import atomic_dir  # noqa: PLC0415
+        from .pairs import qrels_pairs  # noqa: PLC0415
+
+        store = self.store(self.recipe.train_dataset)
+        key = canonical_hash({"store": store.fingerprint, "split": self.recipe.train_split, "seed": seed})[:12]
+        out = self.root / "nudge" / f"nudge-s{seed}-{key}"
+        if (out / "corrections.json").is_file():
+            self.reused += 1
+            return out
+        self.log(f"[nudge seed {seed}] NUDGE-N on {self.recipe.train_dataset}/{self.recipe.train_split}")
+        t0 = time.perf_counter()
+        pairs = qrels_pairs(store, find_dataset(self.recipe.train_dataset, self.recipe.data_dir).qrels_path(self.recipe.train_split))
+        corrections = adapt_store(AdaptConfig("nudge-n", "nudge-ft"), store, pairs, dev_seed=seed, log=self.log)
+        corrections.record["seconds"] = round(time.perf_counter() - t0, 3)
+        with atomic_dir(out) as tmp:
+            corrections.save(tmp)
+        self.computed += 1
+        return out
+
     # -- stage 3 ---------------------------------------------------------------------------------
-    def evaluate(self, strategy: Strategy, seed: int | None, heads: Path | None, dataset: str, encoder: Path | None = None) -> dict:
+    def evaluate(self, strategy: Strategy, seed: int | None, heads: Path | None, dataset: str, encoder: Path | None = None,
+                 corrections: Path | None = None) -> dict:
         from .evaluate import evaluate  # noqa: PLC0415
 
         store = self.store(dataset, encoder)
         heads_fp = read_json(heads / "heads.json")["weights"]["sha256"] if heads else None
+        folder = corrections or heads
+        corr_fp = canonical_hash(read_json(folder / "corrections.json")) if folder and (folder / "corrections.json").is_file() else None
         cfg = EvalConfig(datasets=[dataset], split=self.recipe.eval_split, store=str(store.path), model=self.recipe.model,
                          data_dir=self.recipe.data_dir, heads=str(heads) if heads else None,
+                         corrections=str(corrections) if corrections else None,
                          query_tower=strategy.query_tower, similarity=strategy.similarity)
-        key = canonical_hash({"config": {k: v for k, v in vars(cfg).items() if k not in ("out", "store", "heads")},
-                              "store": store.fingerprint, "heads": heads_fp})[:12]
+        key = canonical_hash({"config": {k: v for k, v in vars(cfg).items() if k not in ("out", "store", "heads", "corrections")},
+                              "store": store.fingerprint, "heads": heads_fp, "corrections": corr_fp})[:12]
         out = self.root / "eval" / f"{strategy.name}-s{seed}-{dataset}-{key}"
         if (out / "results.json").is_file():
             self.reused += 1
@@ -320,14 +350,20 @@ class Runner:
         for strategy in r.strategies:
             seeds = [None] if strategy.kind == "vanilla" else strategy.seeds
             for seed in seeds:
-                encoder = None  # a live strategy that changed the encoder is scored on stores that encoder builds
+                encoder = corrections = None  # a live strategy that changed the encoder is scored on stores that encoder builds
                 if strategy.kind in LIVE_KINDS:
                     heads, encoder = self.live(strategy, seed)
+                elif strategy.kind == "nudge":
+                    heads, corrections = None, self.nudge(seed)
                 else:
                     heads = None if strategy.kind == "vanilla" else self.heads(strategy, seed)
                 meta = read_json(heads / "heads.json") if heads else {}
+                adapted = (meta.get("training", {}).get("adapt") or {}) if meta else {}
+                if corrections is not None:
+                    record = read_json(corrections / "corrections.json")
+                    adapted = {"documents": len(record["doc_ids"]), "seconds": record["record"]["seconds"]}
                 for dataset in r.eval_datasets:
-                    result = self.evaluate(strategy, seed, heads, dataset, encoder)
+                    result = self.evaluate(strategy, seed, heads, dataset, encoder, corrections)
                     one = result["datasets"][dataset]
                     rows.append({
                         "strategy": strategy.name, "kind": strategy.kind, "seed": seed, "dataset": dataset,
@@ -336,7 +372,8 @@ class Runner:
                         "store": one["store"]["path"],
                         "heads": str(heads) if heads else None,
                         "trainable_params": meta["training"]["trainable_parameters"] if meta else 0,
-                        "train_seconds": meta["training"]["seconds"] if meta else 0.0,
+                        "corrected_docs": adapted.get("documents", 0),
+                        "train_seconds": meta["training"]["seconds"] if meta else adapted.get("seconds", 0.0),
                     })
         from .report import write_report  # noqa: PLC0415
 

@@ -231,13 +231,14 @@ def write_report(root: Path, recipe, rows: list[dict], stores: dict) -> dict:
         cells[(s, d)] = cell
     info = {s: {"kind": by[(s, datasets[0])][0]["kind"],
                 "trainable_params": by[(s, datasets[0])][0]["trainable_params"],
+                "corrected_docs": by[(s, datasets[0])][0].get("corrected_docs", 0),
                 "train_seconds": float(np.mean([g["train_seconds"] for g in by[(s, datasets[0])]]))} for s in strategies}
 
-    header = ["strategy", "trainable params", "train s"] + [
+    header = ["strategy", "trainable params", "corrected docs", "train s"] + [
         f"{d} ({'in-domain' if d == recipe.train_dataset else 'zero-shot'}, {cells[(strategies[0], d)]['store']})" for d in datasets]
     md_rows = []
     for s in strategies:
-        row = [s, f"{info[s]['trainable_params']:,}", f"{info[s]['train_seconds']:.1f}"]
+        row = [s, f"{info[s]['trainable_params']:,}", f"{info[s]['corrected_docs']:,}", f"{info[s]['train_seconds']:.1f}"]
         for d in datasets:
             c = cells[(s, d)]
             text = f"{c['ndcg@10']:.4f}" + (f" ±{c['spread'] / 2:.4f}" if c["seeds"] > 1 else "")

@@ -1,7 +1,8 @@
 """Choose jepa-cache's document-side adaptation on dev and probes only; then score test once for the choice.
 
-    python pipelines/adapt_select.py select            # dev + probe figures for every variant -> runs/adapt/select.json
-    python pipelines/adapt_select.py final             # the rule's choice, NUDGE-N (as published), heads alone, vanilla: test
+    python pipelines/adapt_select.py select   # dev + probe figures for every variant, the rule's choice -> runs/adapt/select.json
+    python pipelines/adapt_select.py curve    # dev NDCG@10 against 50 / 200 / all labelled queries -> runs/adapt/curve.json
+    python pipelines/adapt_select.py final    # test, once: vanilla, NUDGE-N as published, best, heads alone (+ the choice)
 
 THE RULE (fixed before any run): per training set, among the variants below, keep the one with the
 highest dev NDCG@10 (mean over seeds) whose heads keep every zero-shot probe at or above vanilla's
@@ -15,9 +16,7 @@ a judged document with a reported test split). Test is read only by `final`, for
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,27 +27,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jepa_cache import adapt, nudge  # noqa: E402
-from jepa_cache.config import EvalConfig, TrainConfig  # noqa: E402
+from jepa_cache.config import TrainConfig  # noqa: E402
 from jepa_cache.datasets import find_dataset, read_qrels  # noqa: E402
-from jepa_cache.evaluate import evaluate  # noqa: E402
 from jepa_cache.metrics import score  # noqa: E402
-from jepa_cache.store import open_store  # noqa: E402
-from jepa_cache.train import qrels_pairs, train  # noqa: E402
+from jepa_cache.models import DEFAULT_MODEL, resolve_model  # noqa: E402
+from jepa_cache.store import default_store_path, open_store  # noqa: E402
+from jepa_cache.pairs import qrels_pairs  # noqa: E402
+from jepa_cache.train import train  # noqa: E402
 
 TRAIN_SETS = ("scifact", "nfcorpus")
 OTHERS = {"scifact": ("nfcorpus",), "nfcorpus": ("scifact",)}  # probes need a training split: ArguAna has none
-ZERO_SHOT = ("scifact", "nfcorpus", "arguana")
 SEEDS = (0, 1, 2)
 PROBE_MARGIN = 0.0025
+CURVE = (50, 200)  # labelled queries for the learning curve (plus all of the fitting slice)
 OUT = ROOT / "runs" / "adapt"
 # heads variant -> TrainConfig overrides (None: no heads). Each is crossed with the adaptation choices below.
 HEADS = {"none": None, "best": {}, "best-sigreg0": {"lambda_isotropy": 0.0}, "best-half": {"interpolate": 0.5}}
+# Fixed query-weighting powers; "nudge-n/ndcg" (what train-heads does: power and γ chosen together on dev)
+# is derived from them in `choose`: per seed, the best of the three (ties: smaller γ, then smaller power).
 ADAPT = {"heads-only": None, "nudge-n/nudge-ft": adapt.AdaptConfig("nudge-n", "nudge-ft"),
-         **{f"nudge-n/ndcg/p{p:g}": adapt.AdaptConfig("nudge-n", "ndcg", power=p) for p in (0.0, 0.5, 1.0)}}
+         **{f"nudge-n/ndcg/p{p:g}": adapt.AdaptConfig("nudge-n", "ndcg", powers=(p,)) for p in adapt.POWERS}}
+JOINT = "nudge-n/ndcg"
 
 
 def store_of(name: str):
-    return open_store(ROOT / "data" / "cache" / name / "all-mpnet-base-v2.imported")
+    return open_store(default_store_path(name, resolve_model(DEFAULT_MODEL)))
 
 
 def spaces(heads):
@@ -78,22 +81,25 @@ def probe_ndcg(name: str, heads) -> float:
     return score(qrels, run, recall_at=10)[0]["ndcg@10"]
 
 
-def train_heads(name: str, seed: int, overrides: dict, refit: bool, out: Path):
+def train_heads(name: str, seed: int, overrides: dict, out: Path):
+    """The selection heads: trained on the fitting slice (dev held out, no refit), no corrections of their own."""
     from jepa_cache.heads import load_heads
 
     if not (out / "heads.json").exists():
-        cfg = TrainConfig(store=str(store_of(name).path), out=str(out), seed=seed, refit=refit, **overrides)
+        cfg = TrainConfig(store=str(store_of(name).path), out=str(out), seed=seed, refit=False, adapt="none", **overrides)
         train(cfg, log=lambda s: None)
     return load_heads(out)
+
+
+def split(name: str):
+    store = store_of(name)
+    return store, qrels_pairs(store, find_dataset(name).qrels_path("train")).hold_out(0.2)
 
 
 def select() -> dict:
     results = {}
     for name in TRAIN_SETS:
-        store = store_of(name)
-        pairs = qrels_pairs(store, find_dataset(name).qrels_path("train"))
-        fit_pairs, dev_pairs = pairs.hold_out(0.2)
-        corpus_ids = store.corpus.ids
+        store, (fit_pairs, dev_pairs) = split(name)
         for hname, overrides in HEADS.items():
             for seed in SEEDS if overrides is not None else (0,):
                 done = OUT / "rows" / name / f"{hname}-s{seed}.json"
@@ -102,31 +108,33 @@ def select() -> dict:
                     results.setdefault(name, {}).setdefault(hname, {})[seed] = row
                     continue
                 t0 = time.perf_counter()
-                heads = None if overrides is None else train_heads(name, seed, overrides, False, OUT / "heads" / name / f"{hname}-s{seed}")
+                heads = None if overrides is None else train_heads(name, seed, overrides, OUT / "heads" / name / f"{hname}-s{seed}")
                 if "probes" not in row:
                     row["probes"] = {o: probe_ndcg(o, heads) for o in OTHERS[name]}
                 corpus = adapt.corpus_in(store, heads)
                 fit, dev = (adapt.labelled(store, p, adapt._space(heads, "queries")) for p in (fit_pairs, dev_pairs))
                 for aname, acfg in ADAPT.items():
-                    if aname in row:
-                        continue
-                    gamma, rec = adapt.choose_gamma(acfg or adapt.AdaptConfig(gammas=(0.0,)), corpus, corpus_ids, fit, dev)
-                    if "dev_ndcg@10" not in rec:  # nudge-ft's rule: score its choice as the others are scored
-                        rows, g = nudge.query_sums(fit.vectors, fit.answers)
-                        held = nudge.Held.build(dev.vectors, dev.answers, [corpus], rows, k=11)
-                        rec["dev_ndcg@10"] = adapt.dev_ndcg(corpus_ids, held, dev, rows, nudge.nudge_n(nudge.unit(corpus[rows]), g, gamma))
-                    row[aname] = {"gamma": gamma, "dev": rec["dev_ndcg@10"]}
+                    if aname not in row:
+                        gamma, power, rec = adapt.choose(acfg or adapt.AdaptConfig(gammas=(0.0,), powers=(0.0,)), corpus,
+                                                         store.corpus.ids, fit, dev)
+                        row[aname] = {"gamma": gamma, "power": power, "dev": rec["dev_ndcg@10"]}
                 row["seconds"] = time.perf_counter() - t0
                 results.setdefault(name, {}).setdefault(hname, {})[seed] = row
                 done.parent.mkdir(parents=True, exist_ok=True)
                 done.write_text(json.dumps(row))
                 print(name, hname, seed, json.dumps(row), flush=True)
-    results["vanilla_probes"] = {o: probe_ndcg(o, None) for o in ZERO_SHOT if o in {x for v in OTHERS.values() for x in v}}
+    results["vanilla_probes"] = {o: probe_ndcg(o, None) for o in {x for v in OTHERS.values() for x in v}}
     results["choice"] = choose(results)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "select.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results["choice"], indent=1))
     return results
+
+
+def joint(seed_row: dict) -> dict:
+    """What train-heads' joint choice of power and γ gives: the best fixed-power row (ties: smaller γ, then power)."""
+    rows = [seed_row[f"nudge-n/ndcg/p{p:g}"] | {"power": p} for p in adapt.POWERS]
+    return max(rows, key=lambda r: (r["dev"], -r["gamma"], -r["power"]))
 
 
 def choose(results: dict) -> dict:
@@ -138,16 +146,53 @@ def choose(results: dict) -> dict:
             probes = {o: np.mean([s["probes"][o] for s in seeds.values()]) for o in OTHERS[name]}
             if any(probes[o] < results["vanilla_probes"][o] - PROBE_MARGIN for o in probes):
                 continue
-            for aname in ADAPT:
-                dev = float(np.mean([s[aname]["dev"] for s in seeds.values()]))
+            for aname in [*ADAPT, JOINT]:
+                picked = [joint(s) if aname == JOINT else s[aname] for s in seeds.values()]
+                dev = float(np.mean([p["dev"] for p in picked]))
                 if best is None or dev > best["dev"]:
-                    best = {"heads": hname, "adapt": aname, "dev": dev, "gamma": [s[aname]["gamma"] for s in seeds.values()]}
+                    best = {"heads": hname, "adapt": aname, "dev": dev, "gamma": [p["gamma"] for p in picked],
+                            "probes": probes}
         choice[name] = best
     return choice
 
 
+def curve() -> dict:
+    """Dev NDCG@10 against the number of labelled queries: NUDGE-N as published and the chosen recipe (seed 0)."""
+    choice = json.loads((OUT / "select.json").read_text())["choice"]
+    out = {}
+    for name in TRAIN_SETS:
+        store, (fit_pairs, dev_pairs) = split(name)
+        hname = choice[name]["heads"]
+        heads = None if HEADS[hname] is None else train_heads(name, 0, HEADS[hname], OUT / "heads" / name / f"{hname}-s0")
+        queries = np.unique(fit_pairs.query_rows)
+        for count in (*CURVE, len(queries)):
+            keep = np.random.default_rng(0).choice(queries, min(count, len(queries)), replace=False)
+            fit_sub = fit_pairs.select(np.isin(fit_pairs.query_rows, keep), f"{count} queries")
+            for label, h, cfg in (("nudge-n (published)", None, adapt.AdaptConfig("nudge-n", "nudge-ft")),
+                                  (f"{hname} + nudge-n/ndcg", heads, adapt.AdaptConfig())):
+                gamma, power, rec = adapt.choose_on(cfg, store, h, fit_sub, dev_pairs)
+                out.setdefault(name, {}).setdefault(label, {})[len(keep)] = round(rec["dev_ndcg@10"], 4)
+                print(name, label, len(keep), round(rec["dev_ndcg@10"], 4), flush=True)
+    (OUT / "curve.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def final() -> None:
+    """Score test once: the recipes of both training sets (vanilla, NUDGE-N as published, `best`, the heads alone),
+    plus the rule's choice as its own row where it is not `best` itself."""
+    from jepa_cache.pipeline import Runner, Strategy, load_recipe
+
+    choice = json.loads((OUT / "select.json").read_text())["choice"]
+    for name in TRAIN_SETS:
+        recipe = load_recipe(ROOT / "pipelines" / f"{name}.toml")
+        c = choice[name]
+        if (c["heads"], c["adapt"]) != ("best", JOINT):
+            options = dict(HEADS[c["heads"]] or {}, adapt="nudge-n" if c["adapt"].startswith("nudge-n/ndcg") else "none")
+            recipe.strategies.append(Strategy(name="rule-choice", kind="frozen-isotropy", seeds=list(SEEDS), options=options))
+        Runner(recipe, runs_dir=OUT / "final").run()
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=("select", "final"))
-    args = ap.parse_args()
-    select() if args.step == "select" else print("final: see below")
+    ap.add_argument("step", choices=("select", "curve", "final"))
+    {"select": select, "curve": curve, "final": final}[ap.parse_args().step]()
