@@ -8,7 +8,7 @@ held-out training queries by a fixed rule, then the corrections are refit on all
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from .metrics import score, truncate
 from .pairs import DEV_SEED, Pairs
 from .store import Store
 
-METHODS = ("nudge-n", "nudge-m")
+METHODS = ("nudge-n",)  # NUDGE-M (nudge.nudge_m) leaves the unit sphere: it needs inner-product search, which eval has not
 RULES = ("ndcg", "nudge-ft")
 NDCG_GAMMAS = tuple(round(0.02 * i, 2) for i in range(51))  # NUDGE-N's step, ‖Δ‖² ≤ γ, from 0 to 1
 POWERS = (0.0, 0.5, 1.0)  # a query weighs |its relevant documents|^-power in each document's target
@@ -31,8 +31,8 @@ class AdaptConfig:
 
     rule `ndcg` (jepa-cache's): the step γ and the query weighting (`powers`) with the best NDCG@10 on the
     held-out queries (ties: smaller γ, then smaller power), then a refit on every training query;
-    rule `nudge-ft` (the peer as published): the package's choice of γ (NUDGE-N: top-1 accuracy on its grid;
-    NUDGE-M: its interval sweep), plain sums, and the corrections of the fitting slice (no refit).
+    rule `nudge-ft` (the peer as published): the package's choice of γ (top-1 accuracy on its grid), plain
+    sums, and the corrections of the fitting slice (no refit).
     """
 
     method: str = "nudge-n"
@@ -42,12 +42,10 @@ class AdaptConfig:
 
     def validate(self) -> "AdaptConfig":
         if self.method not in METHODS:
-            raise UserError(f"adapt method {self.method!r}: choose one of {', '.join(METHODS)}")
+            raise UserError(f"adapt method {self.method!r}: choose {' or '.join(METHODS)} (NUDGE-M's vectors leave the "
+                            "unit sphere and need inner-product search, which eval does not offer)")
         if self.rule not in RULES:
             raise UserError(f"--rule {self.rule!r}: choose one of {', '.join(RULES)}")
-        if self.method == "nudge-m" and self.rule == "ndcg":
-            raise UserError("nudge-m leaves documents off the unit sphere, which eval's cosine index would undo; "
-                            "use nudge-n (or --rule nudge-ft to measure NUDGE-M's own choice)")
         if any(p < 0 for p in self.powers) or any(not 0 <= g < 2 for g in self.gammas):
             raise UserError("adapt powers must be >= 0 and steps γ in [0, 2)")
         return self
@@ -69,12 +67,6 @@ class Labelled:
     ids: list[str]
 
 
-def _fit(corpus: np.ndarray, fit: Labelled, method: str, gamma: float, power: float) -> tuple[np.ndarray, np.ndarray]:
-    rows, g = nudge.query_sums(fit.vectors, fit.answers, power)
-    docs = nudge.unit(corpus[rows])
-    return rows, (nudge.nudge_n if method == "nudge-n" else nudge.nudge_m)(docs, g, gamma).astype(np.float32)
-
-
 def dev_ndcg(corpus_ids: Sequence[str], held: nudge.Held, dev: Labelled, rows: np.ndarray, moved: np.ndarray) -> float:
     """NDCG@10 of the held-out queries when `rows` hold `moved` and every other row keeps its vector."""
     s = dev.vectors @ moved.T
@@ -90,21 +82,20 @@ def dev_ndcg(corpus_ids: Sequence[str], held: nudge.Held, dev: Labelled, rows: n
     return score(qrels, truncate(run, 10), recall_at=10)[0]["ndcg@10"]
 
 
-def choose(cfg: AdaptConfig, corpus: np.ndarray, corpus_ids: Sequence[str], fit: Labelled, dev: Labelled,
-           blocks: Callable[[], Iterable[np.ndarray]] | None = None) -> tuple[float, float, dict]:
+def choose(cfg: AdaptConfig, docs_of: Callable[[np.ndarray], np.ndarray], blocks: Iterable[np.ndarray],
+           corpus_ids: Sequence[str], fit: Labelled, dev: Labelled) -> tuple[float, float, dict]:
     """(γ, power, record): the settings of `fit`'s corrections that cfg.rule picks on `dev`.
 
-    `corpus` [n, d] unit rows in the heads' space; `blocks` re-reads it block by block (default: one block).
+    `docs_of(rows)`: those corpus rows in the heads' space, unit length; `blocks`: the whole corpus so, in
+    row order, read once (only labelled rows move with γ: every other row's scores are kept from that pass).
     """
     rows, g = nudge.query_sums(fit.vectors, fit.answers)
-    docs = nudge.unit(corpus[rows])
-    held = nudge.Held.build(dev.vectors, dev.answers, (blocks or (lambda: [corpus]))(), rows, k=11)
+    docs = docs_of(rows)
+    held = nudge.Held.build(dev.vectors, dev.answers, blocks, rows, k=11)
     if cfg.rule == "nudge-ft":
-        pick = nudge.choose_gamma_n if cfg.method == "nudge-n" else nudge.choose_gamma_m
-        gamma = pick(held, rows, docs, g)
-        move = nudge.nudge_n if cfg.method == "nudge-n" else nudge.nudge_m
+        gamma = nudge.choose_gamma_n(held, rows, docs, g)
         return gamma, 0.0, {"rule": "nudge-ft", "dev_queries": len(dev.ids),
-                            "dev_ndcg@10": dev_ndcg(corpus_ids, held, dev, rows, nudge.unit(move(docs, g, gamma)))}
+                            "dev_ndcg@10": dev_ndcg(corpus_ids, held, dev, rows, nudge.nudge_n(docs, g, gamma))}
     curve = {}
     for power in cfg.powers:
         g = nudge.query_sums(fit.vectors, fit.answers, power)[1]
@@ -115,11 +106,13 @@ def choose(cfg: AdaptConfig, corpus: np.ndarray, corpus_ids: Sequence[str], fit:
                           "curve": {f"{p:g}/{k:.2f}": round(v, 5) for (k, p), v in curve.items()}}
 
 
-def make_corrections(cfg: AdaptConfig, corpus: np.ndarray, corpus_ids: Sequence[str], labelled: Labelled, gamma: float,
-                     power: float, store_fingerprint: str, heads_fingerprint: str | None, record: dict) -> Corrections:
+def make_corrections(cfg: AdaptConfig, docs_of: Callable[[np.ndarray], np.ndarray], corpus_ids: Sequence[str],
+                     labelled: Labelled, gamma: float, power: float, store_fingerprint: str, heads_fingerprint: str | None,
+                     record: dict) -> Corrections:
     """NUDGE with step γ from `labelled`'s judgements: one vector for every document some query judged relevant."""
-    rows, vectors = _fit(corpus, labelled, cfg.method, gamma, power)
-    return Corrections([corpus_ids[r] for r in rows], vectors, cfg.method, float(gamma), store_fingerprint, heads_fingerprint,
+    rows, g = nudge.query_sums(labelled.vectors, labelled.answers, power)
+    moved = nudge.nudge_n(docs_of(rows), g, gamma).astype(np.float32)
+    return Corrections([corpus_ids[r] for r in rows], moved, cfg.method, float(gamma), store_fingerprint, heads_fingerprint,
                        len(labelled.ids), record)
 
 
@@ -143,23 +136,36 @@ def _space(heads, side: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: fn(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float().cpu().numpy()
 
 
-def corpus_in(store: Store, heads, block_rows: int = 65536) -> np.ndarray:
-    """The whole corpus in the heads' document space, unit rows [n_docs, d] float32 (read block by block)."""
-    to_space = _space(heads, "documents")
-    return np.concatenate([nudge.unit(to_space(b)) for _, b in store.corpus.iter_blocks(block_rows)], axis=0)
+@dataclass
+class Space:
+    """A store's vectors as the heads see them (None: as stored), unit length: labelled rows, or every block."""
+
+    store: Store
+    heads: object | None
+    block_rows: int = 65536
+
+    def docs(self, rows: np.ndarray) -> np.ndarray:
+        return nudge.unit(_space(self.heads, "documents")(self.store.corpus.vectors(np.float32, rows)))
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        to_space = _space(self.heads, "documents")
+        for _, block in self.store.corpus.iter_blocks(self.block_rows):
+            yield nudge.unit(to_space(block))
+
+    def labelled(self, pairs: Pairs) -> Labelled:
+        return labelled(self.store, pairs, _space(self.heads, "queries"))
 
 
 def choose_on(cfg: AdaptConfig, store: Store, heads, fit_pairs: Pairs, dev_pairs: Pairs) -> tuple[float, float, dict]:
     """(γ, power, record) chosen on `dev_pairs` for corrections fitted on `fit_pairs`, in `heads`' space (None: none)."""
-    corpus = corpus_in(store, heads)
-    fit, dev = (labelled(store, p, _space(heads, "queries")) for p in (fit_pairs, dev_pairs))
-    return choose(cfg, corpus, store.corpus.ids, fit, dev)
+    space = Space(store, heads)
+    return choose(cfg, space.docs, space.blocks(), store.corpus.ids, space.labelled(fit_pairs), space.labelled(dev_pairs))
 
 
 def corrections_on(cfg: AdaptConfig, store: Store, heads, pairs: Pairs, gamma: float, power: float, record: dict) -> Corrections:
     """The corrections that `pairs` make with the chosen γ and power, in `heads`' space (None: the base vectors)."""
-    final = labelled(store, pairs, _space(heads, "queries"))
-    return make_corrections(cfg, corpus_in(store, heads), store.corpus.ids, final, gamma, power, store.fingerprint,
+    space = Space(store, heads)
+    return make_corrections(cfg, space.docs, store.corpus.ids, space.labelled(pairs), gamma, power, store.fingerprint,
                             heads.fingerprint if heads is not None else None, {**record, "power": power})
 
 

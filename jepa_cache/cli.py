@@ -273,6 +273,50 @@ def train_heads_cmd(
 
 
 @app.command()
+def adapt(
+    store: str = typer.Option(..., "--store", help="Store of the training collection (build or import)."),
+    heads: Optional[Path] = typer.Option(None, "--heads", help="Heads whose space the corrections live in (default: "
+                                         "none, the base vectors). Heads refit on every training query have seen the "
+                                         "dev slice: train-heads --adapt chooses on heads that have not."),
+    rule: str = typer.Option("ndcg", "--rule", help="ndcg: step and query weighting with the best dev NDCG@10, then "
+                             "a refit on every query; nudge-ft: NUDGE as published (nudge-ft 0.1.2's choice, no refit)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset for the qrels (default: the store's)."),
+    data_dir: Optional[Path] = DataDirOpt,
+    train_split: str = typer.Option("train", "--train-split", help="qrels split whose judgements move documents."),
+    dev_fraction: float = typer.Option(0.2, "--dev-fraction", help="Seeded fraction of those queries held out to "
+                                       "choose the step."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the held-out slice."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for corrections.json + .safetensors (default: "
+                                       "--heads, else runs/corrections/<dataset>/nudge-n-<rule>-s<seed>)."),
+) -> None:
+    """Per-document corrections (NUDGE) of a store's corpus from its training judgements; eval applies them to it."""
+    from .adapt import AdaptConfig, adapt_store
+    from .corrections import FILE_JSON
+    from .datasets import recorded_dataset
+    from .heads import load_heads
+    from .pairs import qrels_pairs
+    from .store import open_store
+
+    cfg = AdaptConfig("nudge-n", rule).validate()
+    if train_split == "test":
+        raise UserError("--train-split test: that is the split eval scores, so the results would be measured on the "
+                        "queries that moved the documents; use train (or another split)")
+    if not 0 < dev_fraction < 1:
+        raise UserError(f"--dev-fraction {dev_fraction}: must be in (0, 1)")
+    st = open_store(store)
+    loaded = load_heads(heads) if heads else None
+    if loaded is not None and loaded.similarity != "cos":
+        raise UserError(f"--heads {heads}: corrections move documents on the unit sphere; these heads score by "
+                        f"{loaded.similarity}")
+    folder = out or (heads if heads else Path("runs/corrections") / st.dataset_name / f"nudge-n-{rule}-s{seed}")
+    ds = recorded_dataset(st.provenance["dataset"], dataset, str(data_dir) if data_dir else None)
+    corrections = adapt_store(cfg, st, qrels_pairs(st, ds.qrels_path(train_split)), loaded, dev_seed=seed,
+                              dev_fraction=dev_fraction, log=typer.echo)
+    corrections.save(folder)
+    typer.echo(f"corrections: {folder / FILE_JSON} (eval --corrections {folder})")
+
+
+@app.command()
 def run(
     recipe: Path = typer.Argument(..., help="A pipelines/*.toml recipe."),
     encode: bool = typer.Option(False, "--encode", help="Encode every dataset even where reference vectors could be imported."),

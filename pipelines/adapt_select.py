@@ -54,10 +54,6 @@ def store_of(name: str):
     return open_store(default_store_path(name, resolve_model(DEFAULT_MODEL)))
 
 
-def spaces(heads):
-    return (lambda x: nudge.unit(adapt._space(heads, "documents")(x)), lambda x: nudge.unit(adapt._space(heads, "queries")(x)))
-
-
 def probe_qrels(name: str) -> dict[str, dict[str, int]]:
     """Training queries of `name`, judged only against documents no test query judges."""
     ds = find_dataset(name)
@@ -70,10 +66,9 @@ def probe_qrels(name: str) -> dict[str, dict[str, int]]:
 def probe_ndcg(name: str, heads) -> float:
     store = store_of(name)
     qrels = probe_qrels(name)
-    docs_space, query_space = spaces(heads)
     rows = np.array([store.queries.row_of[q] for q in qrels], dtype=np.int64)
-    q = query_space(store.queries.vectors(np.float32, rows))
-    c = docs_space(store.corpus.vectors(np.float32))
+    q = nudge.unit(adapt._space(heads, "queries")(store.queries.vectors(np.float32, rows)))
+    c = np.concatenate(list(adapt.Space(store, heads).blocks()))
     s = q @ c.T
     top = np.argsort(-s, axis=1, kind="stable")[:, :11]
     ids = store.corpus.ids
@@ -111,12 +106,13 @@ def select() -> dict:
                 heads = None if overrides is None else train_heads(name, seed, overrides, OUT / "heads" / name / f"{hname}-s{seed}")
                 if "probes" not in row:
                     row["probes"] = {o: probe_ndcg(o, heads) for o in OTHERS[name]}
-                corpus = adapt.corpus_in(store, heads)
-                fit, dev = (adapt.labelled(store, p, adapt._space(heads, "queries")) for p in (fit_pairs, dev_pairs))
+                space = adapt.Space(store, heads)
+                corpus = np.concatenate(list(space.blocks()))
+                fit, dev = space.labelled(fit_pairs), space.labelled(dev_pairs)
                 for aname, acfg in ADAPT.items():
                     if aname not in row:
-                        gamma, power, rec = adapt.choose(acfg or adapt.AdaptConfig(gammas=(0.0,), powers=(0.0,)), corpus,
-                                                         store.corpus.ids, fit, dev)
+                        gamma, power, rec = adapt.choose(acfg or adapt.AdaptConfig(gammas=(0.0,), powers=(0.0,)),
+                                                         lambda r: corpus[r], [corpus], store.corpus.ids, fit, dev)
                         row[aname] = {"gamma": gamma, "power": power, "dev": rec["dev_ndcg@10"]}
                 row["seconds"] = time.perf_counter() - t0
                 results.setdefault(name, {}).setdefault(hname, {})[seed] = row

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import io
 
 import numpy as np
@@ -104,3 +105,33 @@ def test_corrections_apply_only_to_their_store(tmp_path, synthetic_store):
     assert with_corr["metrics"]["mrr@10"] >= 0.5
     other = run(reference, "c", corrections=str(tmp_path / "corr"))  # another store: corrections not applied
     assert other["corrections_applied"] == 0
+
+
+def test_adapt_command_then_eval_applies_the_corrections(cli, tmp_path, synthetic_store):
+    """`adapt` (NUDGE-N as published) writes corrections that `eval --corrections` applies; bad input is one line."""
+    from conftest import write_beir
+
+    from jepa_cache.datasets import BeirDataset, read_corpus, read_queries
+
+    root = write_beir(tmp_path / "beir" / "tiny", n_docs=40, n_queries=40)
+    ds = BeirDataset("tiny", root)
+    doc_ids, query_ids = read_corpus(ds.corpus_path)[0], read_queries(ds.queries_path)[0]
+    rng = np.random.default_rng(1)
+    docs = nudge.unit(rng.normal(size=(len(doc_ids), 8)).astype(np.float32))
+    store = synthetic_store(docs, nudge.unit(rng.normal(size=(len(query_ids), 8)).astype(np.float32)),
+                            doc_ids=doc_ids, query_ids=query_ids, dataset="tiny")
+    code, text = cli(["adapt", "--store", str(store.path), "--dataset", str(root), "--rule", "nudge-ft",
+                      "--out", str(tmp_path / "corr")])
+    assert code == 0, text
+    saved = Corrections.load(tmp_path / "corr")
+    assert saved.store_fingerprint == store.fingerprint and saved.record["rule"] == "nudge-ft"
+    assert saved.labelled_queries == 16  # the fitting slice: 20 training queries less 4 held out
+    code, text = cli(["eval", "--dataset", str(root), "--store", str(store.path), "--corrections", str(tmp_path / "corr"),
+                      "--out", str(tmp_path / "ev")])
+    assert code == 0, text
+    result = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert result["datasets"]["tiny"]["corrections_applied"] == len(saved.doc_ids)
+    for argv, message in ((["--train-split", "test"], "--train-split test"), (["--rule", "best"], "--rule"),
+                          (["--dev-fraction", "1"], "--dev-fraction")):
+        code, text = cli(["adapt", "--store", str(store.path), "--dataset", str(root), *argv])
+        assert code == 2 and message in text and len(text.strip().splitlines()) == 1, text
