@@ -5,6 +5,7 @@ Everything here is CPU-only and takes seconds, so the default suite stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -169,6 +170,22 @@ def assert_same_store(path: Path, reference: Path) -> None:
     leftovers = [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.creating-")]
     leftovers += list(path.rglob("*.partial")) + list(path.rglob(".*.tmp"))
     assert leftovers == []
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """FAISS and torch on `n` OpenMP threads inside the block, restored after."""
+    import faiss
+    import torch
+
+    before = faiss.omp_get_max_threads(), torch.get_num_threads()
+    faiss.omp_set_num_threads(n)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before[0])
+        torch.set_num_threads(before[1])
 
 
 @pytest.fixture

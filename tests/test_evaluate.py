@@ -9,7 +9,7 @@ import types
 import pytest
 import pytrec_eval
 
-from conftest import SHARED, write_beir, write_store
+from conftest import SHARED, threads, write_beir, write_store
 from jepa_cache.config import EvalConfig
 from jepa_cache.datasets import BeirDataset, read_corpus, read_qrels, read_queries
 from jepa_cache.errors import UserError
@@ -194,8 +194,6 @@ def test_ranking_is_deterministic_and_is_pytrec_evals(setup):
     --block-rows, 1 or 2 threads write the same run; it is the float64 brute-force ranking with ties broken as
     trec_eval breaks them (larger id first), so the k kept are the first k of the full ranking and the rank of the
     first relevant document in our file is the one pytrec_eval's reciprocal rank sees."""
-    import faiss
-    import torch
 
     docs, doc_ids, query_ids = setup["docs"], setup["doc_ids"], setup["query_ids"]
     docs[:] = docs[np.arange(len(docs)) // 4 * 4]
@@ -206,19 +204,13 @@ def test_ranking_is_deterministic_and_is_pytrec_evals(setup):
         setup["queries"][i] = docs[first] + rng.normal(scale=0.3, size=DIM)
     store = setup["make_store"]()
     runs = {}
-    before = faiss.omp_get_max_threads(), torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            faiss.omp_set_num_threads(threads)
-            torch.set_num_threads(threads)
+    for n_threads in (1, 2):
+        with threads(n_threads):
             for index, rows in (("faiss", None), ("faiss", 7), ("torch", None), ("torch", 5)):
-                out = setup["tmp"] / f"out-{threads}-{index}-{rows}"
+                out = setup["tmp"] / f"out-{n_threads}-{index}-{rows}"
                 evaluate(EvalConfig(datasets=[str(setup["root"])], store=str(store.path), k=10, out=str(out), index=index,
                                     block_rows=rows), log=lambda s: None)
-                runs[f"{index}, {threads} threads, blocks of {rows}"] = (out / "tiny" / "run.trec").read_text()
-    finally:
-        faiss.omp_set_num_threads(before[0])
-        torch.set_num_threads(before[1])
+                runs[f"{index}, {n_threads} threads, blocks of {rows}"] = (out / "tiny" / "run.trec").read_text()
     first = runs["faiss, 1 threads, blocks of None"]
     for where, text in runs.items():
         assert text == first, where

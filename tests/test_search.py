@@ -4,6 +4,7 @@ import pytest
 from jepa_cache import search
 from jepa_cache.errors import UserError
 from jepa_cache.search import MARGIN, recall_vs_exact, tie_order, top_k
+from conftest import threads
 
 
 def brute_force(docs: np.ndarray, queries: np.ndarray, k: int, similarity: str):
@@ -121,27 +122,19 @@ def reference_top_k(docs, queries, k, similarity, ties):
 def test_ranking_ignores_threads_blocks_and_backend(similarity, monkeypatch):
     """Near-tied and duplicate documents rank the same with 1 or 2 threads, any block size, FAISS or torch,
     and as a float64 brute force does, ties broken by the given order."""
-    import faiss
-    import torch
 
     docs, queries = near_ties()
     k = 30
     ties = tie_order([f"d{i}" for i in range(len(docs))])
     want_s, want_i = reference_top_k(docs, queries, k, similarity, ties)
     runs = {}
-    before = faiss.omp_get_max_threads(), torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            faiss.omp_set_num_threads(threads)
-            torch.set_num_threads(threads)
+    for n_threads in (1, 2):
+        with threads(n_threads):
             for index in ("Flat", "torch"):
                 for rows in (None, 64, 7):
                     corpus = docs if rows is None else (lambda r=rows: (docs[i : i + r] for i in range(0, len(docs), r)))
                     for n in (40, 5):  # FAISS takes another code path under 20 queries
-                        runs[f"{index}, {threads} threads, blocks of {rows}, {n} queries"] = top_k(corpus, queries[:n], k, similarity, index, ties=ties)
-    finally:
-        faiss.omp_set_num_threads(before[0])
-        torch.set_num_threads(before[1])
+                        runs[f"{index}, {n_threads} threads, blocks of {rows}, {n} queries"] = top_k(corpus, queries[:n], k, similarity, index, ties=ties)
     monkeypatch.setattr(search, "_RESCORE_ELEMENTS", 1000)  # rescored a few pairs at a time
     monkeypatch.setattr(search, "_TORCH_TILE", 1000)  # widened a few queries at a time
     runs["small tiles"] = top_k(docs, queries, k, similarity, ties=ties)
