@@ -189,7 +189,8 @@ def is_url(path: str | os.PathLike) -> bool:
 def check_writable(out: Path) -> None:
     """Refuse an --out that cannot be written before any work is done (its nearest existing folder decides)."""
     if is_url(out):  # markers, locks and atomic renames need a POSIX filesystem
-        raise UserError(f"--out {out}: object-store URLs are not supported; use a local or shared (NFS, Lustre) folder, "
+        raise UserError(f"--out {out}: object-store URLs are not supported; "
+                        "use a local or shared (NFS, Lustre) folder, "
                         "then copy the finished store")
     ancestor = out.absolute()
     while not ancestor.exists():

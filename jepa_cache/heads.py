@@ -40,7 +40,8 @@ class HeadsConfig:
 
     input_dim: int = 768
     output_dim: int = 512
-    projection: str = "linear"  # linear | residual (linear + zero-init MLP) | mlp (the study's) | adapter (x + Wx, zero-init W)
+    # linear | residual (linear + zero-init MLP) | mlp (the study's) | adapter (x + Wx, zero-init W)
+    projection: str = "linear"
     projection_hidden: int = 1536
     predictor: str = "residual"  # residual (identity at start) | mlp (the study's) | none
     predictor_hidden: int = 1024
@@ -63,15 +64,18 @@ class HeadsConfig:
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout {self.dropout}: must be in [0, 1)")
         if self.projection == "mlp" and self.init != "random":
-            raise UserError(f"--init {self.init}: the study's MLP projection has only the random init; use --projection linear or residual")
+            raise UserError(f"--init {self.init}: the study's MLP projection has only the random init; "
+                            "use --projection linear or residual")
         if self.rank < 0 or (self.rank and self.projection != "adapter"):
             raise UserError(f"--rank {self.rank}: a non-negative rank, and only with --projection adapter")
         if self.projection == "adapter" and (self.init != "identity" or self.output_dim != self.input_dim):
-            raise UserError(f"--projection adapter (x + Wx, the best preset's) starts at the identity: it needs --init identity and "
-                            f"--output-dim {self.input_dim} (the encoder's width, or 0), not {self.output_dim} with --init {self.init}; "
+            raise UserError(f"--projection adapter (x + Wx, the best preset's) starts at the identity: it needs "
+                            f"--init identity and --output-dim {self.input_dim} (the encoder's width, or 0), "
+                            f"not {self.output_dim} with --init {self.init}; "
                             "for a narrower output use --preset jepa (PCA-initialised linear projection)")
         if self.init == "identity" and self.output_dim != self.input_dim:
-            raise UserError(f"--init identity needs --output-dim {self.input_dim} (the encoder's width), not {self.output_dim}")
+            raise UserError(f"--init identity needs --output-dim {self.input_dim} (the encoder's width), "
+                            f"not {self.output_dim}")
         if self.init in ("pca", "orthogonal") and self.output_dim > self.input_dim:
             raise UserError(f"--init {self.init} needs --output-dim <= {self.input_dim}, not {self.output_dim}")
         if self.query_tower == "predictor" and self.predictor == "none":
@@ -133,7 +137,8 @@ def structured_weight(init: str, input_dim: int, output_dim: int, init_vectors: 
     """The projection matrix for a structured init, scaled to unit mean squared output coordinate.
 
     Shape:
-        init_vectors: [N, input_dim] (needed by pca; calibrates the scale of the others); returns [output_dim, input_dim]
+        init_vectors: [N, input_dim] (needed by pca; calibrates the scale of the others)
+        returns [output_dim, input_dim]
     """
     if init == "identity":
         weight = torch.eye(input_dim)
@@ -176,7 +181,9 @@ class Heads(nn.Module):
             self.projection: nn.Module = mlp(c.input_dim, c.projection_hidden, c.output_dim, c.dropout)
         elif c.projection == "adapter":
             # SIGReg's scale rounded to a power of two, so that step 0 is *bit-exactly* vanilla once normalised
-            scale = float(structured_weight("identity", c.input_dim, c.output_dim, init_vectors)[0, 0]) if initialise else 1.0
+            scale = 1.0
+            if initialise:
+                scale = float(structured_weight("identity", c.input_dim, c.output_dim, init_vectors)[0, 0])
             self.projection = Adapter(c.input_dim, c.rank, 2.0 ** round(math.log2(scale)))
         else:
             linear = nn.Linear(c.input_dim, c.output_dim)
@@ -305,18 +312,22 @@ def load_heads(path: str | os.PathLike, device: torch.device | str = "cpu") -> H
     if record.get("format") != FORMAT:
         raise UserError(f"{folder / META_FILE}: not a jepa-cache heads file (format {record.get('format')!r})")
     if record.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{folder / META_FILE}: heads format version {record.get('format_version')} is not supported (need {FORMAT_VERSION})")
+        raise UserError(f"{folder / META_FILE}: heads format version {record.get('format_version')} is not supported "
+                        f"(need {FORMAT_VERSION})")
     entry, config_record = record.get("weights"), record.get("config")
     if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)
             and isinstance(config_record, dict)):
-        raise UserError(f"{folder / META_FILE}: no weights record (file, sha256) or no config; the heads file is damaged: retrain")
+        raise UserError(f"{folder / META_FILE}: no weights record (file, sha256) or no config; "
+                        "the heads file is damaged: retrain")
     if Path(entry["file"]).name != entry["file"] or entry["file"] in ("", ".", ".."):
-        raise UserError(f"{folder / META_FILE}: weights file {entry['file']!r} must be a bare file name inside {folder}")
+        raise UserError(f"{folder / META_FILE}: weights file {entry['file']!r} must be a bare file name "
+                        f"inside {folder}")
     weights = folder / entry["file"]
     if not weights.is_file():
         raise UserError(f"{weights}: missing; the heads folder is incomplete")
     if sha256_file(weights) != entry["sha256"]:
-        raise UserError(f"{weights}: sha256 differs from the one in {META_FILE} (an interrupted or mixed save); retrain or restore it")
+        raise UserError(f"{weights}: sha256 differs from the one in {META_FILE} (an interrupted or mixed save); "
+                        "retrain or restore it")
     known = {f.name for f in fields(HeadsConfig)}
     try:
         config = HeadsConfig(**{k: v for k, v in config_record.items() if k in known})
@@ -327,7 +338,8 @@ def load_heads(path: str | os.PathLike, device: torch.device | str = "cpu") -> H
         heads.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
     except RuntimeError as e:
         raise UserError(f"{weights}: weights do not fit the config in {META_FILE} ({e})") from None
-    heads.meta = {k: v for k, v in record.items() if k not in ("format", "format_version", "config", "weights", "parameters")}
+    own = ("format", "format_version", "config", "weights", "parameters")
+    heads.meta = {k: v for k, v in record.items() if k not in own}
     return heads.to(device).eval()
 
 

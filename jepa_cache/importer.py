@@ -107,7 +107,8 @@ def _load_parquet(path: Path, id_column: str | None, vector_column: str | None) 
     if vector_column is None:
         listy = [n for n in names if _is_list(table.schema.field(n).type)]
         if len(listy) != 1:
-            raise UserError(f"{path}: {len(listy)} list-typed columns ({', '.join(listy) or 'none'}); name the vectors with --vector-column")
+            raise UserError(f"{path}: {len(listy)} list-typed columns ({', '.join(listy) or 'none'}); "
+                            "name the vectors with --vector-column")
         vector_column = listy[0]
     if vector_column not in names:
         raise UserError(f"{path}: no column {vector_column!r} (columns: {', '.join(names)})")
@@ -122,7 +123,8 @@ def _load_parquet(path: Path, id_column: str | None, vector_column: str | None) 
     widths = pc.min_max(lengths).as_py() if len(col) else {"min": 0, "max": 0}
     if widths["min"] != widths["max"]:
         first = int(np.flatnonzero(lengths.to_numpy() != widths["max"])[0])
-        raise UserError(f"{path}: vectors of different widths ({widths['min']} to {widths['max']}; row {first} differs)")
+        raise UserError(f"{path}: vectors of different widths ({widths['min']} to {widths['max']}; "
+                        f"row {first} differs)")
     values = col.flatten().to_numpy(zero_copy_only=False)  # nulls inside a vector become NaN, caught later
     data = values.reshape(len(col), widths["max"])
     if data.dtype not in (np.float32, np.float16):
@@ -157,10 +159,12 @@ def load_vectors(label: str, vectors: str, ids_file: str | None, id_column: str 
         ids = read_ids_file(Path(ids_file))
         files["ids"] = _file_record(Path(ids_file), "text")
     elif ids is None:
-        raise UserError(f"{path}: no ids; pass the {label} ids file (one id per line) or use a Parquet file with an id column")
+        raise UserError(f"{path}: no ids; pass the {label} ids file (one id per line) "
+                        "or use a Parquet file with an id column")
     if len(ids) != data.shape[0]:
         where = ids_file or f"{path} (id column)"
-        raise UserError(f"{label}: {data.shape[0]} vectors in {path} but {len(ids)} ids in {where}; rows and ids must match one to one")
+        raise UserError(f"{label}: {data.shape[0]} vectors in {path} but {len(ids)} ids in {where}; "
+                        "rows and ids must match one to one")
     seen: dict[str, int] = {}
     for row, doc_id in enumerate(ids):
         if doc_id in seen:
@@ -177,7 +181,8 @@ def _folder_settings(folder: Path) -> dict:
 
     modules = read("modules.json") if (folder / "modules.json").is_file() else []
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-        raise UserError(f"{folder / 'modules.json'}: not a sentence-transformers modules list; is {folder} a model folder?")
+        raise UserError(f"{folder / 'modules.json'}: not a sentence-transformers modules list; "
+                        f"is {folder} a model folder?")
     types = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
     pooling, dim = None, None
     for module, kind in zip(modules, types):
@@ -190,8 +195,10 @@ def _folder_settings(folder: Path) -> dict:
             dim = int(width) * len(modes) if width and modes else None
         elif kind == "Dense":
             dim = cfg.get("out_features", dim)
-    # sentence-transformers < 6 keeps max_seq_length in sentence_bert_config.json, 6 as the tokenizer's model_max_length.
-    max_len = read("sentence_bert_config.json").get("max_seq_length") or read("tokenizer_config.json").get("model_max_length")
+    # sentence-transformers < 6 keeps max_seq_length in sentence_bert_config.json, 6 as the tokenizer's
+    # model_max_length.
+    max_len = (read("sentence_bert_config.json").get("max_seq_length")
+               or read("tokenizer_config.json").get("model_max_length"))
     return {
         "max_seq_length": max_len,
         "pooling": pooling,
@@ -209,7 +216,8 @@ def declared_encoder(model: str, normalize: bool) -> dict:
         if as_path.exists():
             raise  # a folder that is not a model is the user's error
         folder = None  # declared only: the fingerprint becomes "declared:<name>"
-    settings = _folder_settings(folder) if folder else {"max_seq_length": None, "pooling": None, "model_normalizes": None, "dim": None}
+    unknown = {"max_seq_length": None, "pooling": None, "model_normalizes": None, "dim": None}
+    settings = _folder_settings(folder) if folder else unknown
     return {
         "name": str(model) if as_path.exists() else canonical_name(model),
         "path": str(folder) if folder else None,
@@ -232,13 +240,13 @@ def _check_values(vec: Vectors, dtype: str, normalize: bool, model_normalizes: b
             bad = ~np.isfinite(block.astype(dtype)).all(axis=1)
         if bad.any():
             row = start + int(np.flatnonzero(bad)[0])
-            raise UserError(f"{vec.label}: row {row} (id {vec.ids[row]!r}) of {vec.files['vectors']['path']} holds NaN/inf (as {dtype}); "
-                            "nothing was written")
+            raise UserError(f"{vec.label}: row {row} (id {vec.ids[row]!r}) of {vec.files['vectors']['path']} "
+                            f"holds NaN/inf (as {dtype}); nothing was written")
         norms = np.linalg.norm(block, axis=1)
         if (norms == 0).any():
             row = start + int(np.flatnonzero(norms == 0)[0])
-            raise UserError(f"{vec.label}: row {row} (id {vec.ids[row]!r}) of {vec.files['vectors']['path']} is a zero vector; "
-                            "no encoder makes one")
+            raise UserError(f"{vec.label}: row {row} (id {vec.ids[row]!r}) of {vec.files['vectors']['path']} "
+                            "is a zero vector; no encoder makes one")
         off_unit += int((np.abs(norms - 1) > NORM_TOL).sum())
     if off_unit and not normalize and model_normalizes:
         raise UserError(
@@ -253,12 +261,13 @@ def _row_order(vec: Vectors, dataset_ids: list[str], dataset_file: Path, complet
     known = set(dataset_ids)
     unknown = [i for i in vec.ids if i not in known]
     if unknown:
-        raise UserError(f"{vec.label}: {len(unknown)} id(s) are not in {dataset_file} (e.g. {', '.join(map(repr, unknown[:3]))}); wrong dataset or ids file?")
+        raise UserError(f"{vec.label}: {len(unknown)} id(s) are not in {dataset_file} "
+                        f"(e.g. {', '.join(map(repr, unknown[:3]))}); wrong dataset or ids file?")
     have = set(vec.ids)
     missing = [i for i in dataset_ids if i not in have]
     if missing and complete:
-        raise UserError(f"{vec.label}: {len(missing)} document(s) of {dataset_file} have no vector (e.g. {', '.join(map(repr, missing[:3]))}); "
-                        "retrieval over a partial corpus would be wrong")
+        raise UserError(f"{vec.label}: {len(missing)} document(s) of {dataset_file} have no vector "
+                        f"(e.g. {', '.join(map(repr, missing[:3]))}); retrieval over a partial corpus would be wrong")
     return [i for i in dataset_ids if i in have]
 
 
@@ -275,7 +284,8 @@ def _write(out: Path, cfg: ImportConfig, provenance: dict, inputs: dict, order: 
             same = {k: v["sha256"] for k, v in existing.provenance.get("import", {}).get("files", {}).items()} == \
                 {k: v["sha256"] for k, v in record["files"].items()}
             if not same:
-                raise UserError(f"{out}: holds a store made from other vectors; choose another --out, or pass --overwrite to replace it")
+                raise UserError(f"{out}: holds a store made from other vectors; choose another --out, "
+                                "or pass --overwrite to replace it")
             if existing.complete:
                 log(f"{out}: already imported from these files; nothing to do")
                 return existing, False
@@ -312,19 +322,22 @@ def import_vectors(cfg: ImportConfig, log: Callable[[str], None] = print) -> Sto
     }
     dim = inputs["corpus"].dim
     if inputs["queries"].dim != dim:
-        raise UserError(f"corpus vectors are {dim}-d but query vectors {inputs['queries'].dim}-d; both must come from one encoder")
+        raise UserError(f"corpus vectors are {dim}-d but query vectors {inputs['queries'].dim}-d; "
+                        "both must come from one encoder")
     if encoder["dim"] is not None and encoder["dim"] != dim:
-        raise UserError(f"vectors are {dim}-d but the declared encoder {encoder['name']} makes {encoder['dim']}-d vectors; "
-                        "pass the --model that made them")
+        raise UserError(f"vectors are {dim}-d but the declared encoder {encoder['name']} makes "
+                        f"{encoder['dim']}-d vectors; pass the --model that made them")
     encoder["dim"] = dim
     order = {
         "corpus": _row_order(inputs["corpus"], doc_ids, dataset.corpus_path, complete=True),
         "queries": _row_order(inputs["queries"], query_ids, dataset.queries_path, complete=False),
     }
-    renormalized = {s: _check_values(inputs[s], cfg.dtype, cfg.normalize, encoder["model_normalizes"]) for s in SECTIONS}
+    renormalized = {s: _check_values(inputs[s], cfg.dtype, cfg.normalize, encoder["model_normalizes"])
+                    for s in SECTIONS}
     for s in SECTIONS:
         if renormalized[s]:
-            log(f"warning: {s}: {renormalized[s]} row(s) were not unit length; L2-normalising them (recorded in the store)")
+            log(f"warning: {s}: {renormalized[s]} row(s) were not unit length; "
+                "L2-normalising them (recorded in the store)")
     if len(order["queries"]) < len(query_ids):
         log(f"warning: {len(query_ids) - len(order['queries'])} of {len(query_ids)} queries have no vector; "
             "eval scores judged queries without one as 0")
@@ -348,6 +361,7 @@ def import_vectors(cfg: ImportConfig, log: Callable[[str], None] = print) -> Sto
     store, written = _write(out, cfg, provenance, inputs, order, log)
     if not written:
         return store
+    weights = f"weights {encoder['weights_sha256'][:12]}" if encoder["weights_sha256"] else "declared, weights unknown"
     log(f"{out}: imported {store.corpus.rows} docs + {store.queries.rows} queries, {dim}-d {cfg.dtype}, "
-        f"encoder {encoder['name']} ({'weights ' + encoder['weights_sha256'][:12] if encoder['weights_sha256'] else 'declared, weights unknown'})")
+        f"encoder {encoder['name']} ({weights})")
     return store

@@ -319,7 +319,8 @@ class JEPASIGRegLoss(nn.Module):
         embeddings = torch.cat([query_emb, candidates])
         if self.lambda_isotropy:
             if self.isotropy == "sigreg":
-                dirs = random_directions(embeddings.shape[1], self.num_directions, self.direction_seed(step), embeddings.device)
+                dirs = random_directions(embeddings.shape[1], self.num_directions, self.direction_seed(step),
+                                         embeddings.device)
                 term = sigreg(embeddings, dirs, self.knots, self.t_max) / embeddings.shape[0]
             else:
                 term = covariance_isotropy(embeddings)
@@ -356,7 +357,8 @@ def isotropy_stats(x: Tensor, directions: int = 1024, seed: int = 0) -> dict[str
     second = torch.linalg.eigvalsh((z.T.double() @ z.double()) / n)
     mean = z.mean(0)
     covariance = torch.linalg.eigvalsh(torch.cov(z.T.double())).clamp_min(0).cpu().numpy()
-    return {"effective_rank": effective_rank(covariance), "sigreg": float(stat), "top1_share": float(second[-1] / second.sum()),
+    return {"effective_rank": effective_rank(covariance), "sigreg": float(stat),
+            "top1_share": float(second[-1] / second.sum()),
             "mean_cos": float((n * mean.square().sum() - 1) / (n - 1))}
 
 

@@ -18,7 +18,8 @@ Run = Mapping[str, Mapping[str, float]]
 
 def truncate(run: Run, depth: int) -> dict[str, dict[str, float]]:
     """Each query's `depth` best documents, in trec_eval's order (ties: larger document id first)."""
-    return {qid: dict(sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:depth]) for qid, docs in run.items()}
+    return {qid: dict(sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:depth])
+            for qid, docs in run.items()}
 
 
 def run_of_hits(hits, query_ids: list[str], corpus_ids: list[str], k: int) -> dict[str, list[tuple[str, float]]]:
@@ -70,5 +71,6 @@ def score(
             per_query[qid][names[1]] = values[f"recall_{recall_at}"]
         for qid, values in mrr.items():
             per_query[qid][names[2]] = values["recip_rank"]
-    mean = {name: float(np.mean([m[name] for m in per_query.values()])) if per_query else float("nan") for name in names}
+    mean = {name: float(np.mean([m[name] for m in per_query.values()])) if per_query else float("nan")
+            for name in names}
     return mean, per_query

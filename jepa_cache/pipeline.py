@@ -180,12 +180,17 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         allow_test_training=_expect(path, "train.allow_test_training", train.get("allow_test_training", False), bool,
                                     "true to train on the scored split"),
     )
+    _check_scored_split(path, recipe)
+    return recipe
+
+
+def _check_scored_split(path: Path, recipe: Recipe) -> None:
+    """Refuse training on a split the recipe scores (the training dataset's eval split) unless it says so."""
     if (recipe.train_split == recipe.eval_split and recipe.train_dataset in recipe.eval_datasets
             and not recipe.allow_test_training):
         raise UserError(f"{path}: train.split = {recipe.train_split!r} is the split eval scores on {recipe.train_dataset}, "
                         "so the table would measure the training queries; train on another split, or set "
                         "allow_test_training = true under [train] if you mean it")
-    return recipe
 
 
 class Runner:

@@ -16,7 +16,8 @@ PRESETS: dict[str, dict] = {
     # batch + SIGReg, pair epochs. It keeps vanilla within noise and no more (README); the live
     # strategies start from it, since `full` cannot take `best`'s corpus negatives and dev slice.
     "jepa": dict(
-        strategy="frozen-predictor", output_dim=512, projection="linear", projection_hidden=1536, predictor="residual", predictor_hidden=1024,
+        strategy="frozen-predictor", output_dim=512, projection="linear", projection_hidden=1536, predictor="residual",
+        predictor_hidden=1024,
         dropout=0.1, init="pca", similarity="cos", query_tower="projection",
         contrastive="infonce", isotropy="sigreg", predictive="cosine", temperature=0.05, margin=1.0,
         lambda_predictive=0.5, lambda_contrastive=0.1, lambda_isotropy=1.0, lambda_reg=0.0, use_stopgrad=True,

@@ -138,7 +138,8 @@ class Section:
                 out = self.array.get_orthogonal_selection((rows, slice(None)))
         except (ValueError, OSError) as e:  # a damaged shard fails a CRC32C (chunk or shard index) inside zarr
             raise UserError(
-                f"{where}: unreadable ({type(e).__name__}: {e}); a shard file is damaged: run `jepa-cache verify` and rebuild"
+                f"{where}: unreadable ({type(e).__name__}: {e}); a shard file is damaged: "
+                "run `jepa-cache verify` and rebuild"
             ) from None
         bad = ~np.isfinite(out).all(axis=1)
         if bad.any():
@@ -174,7 +175,8 @@ class Store:
             ids = _read_ids(_join(self.path, name, "ids.parquet"))
             array = self.group[f"{name}/emb"]
             if array.shape[0] != len(ids):
-                raise UserError(f"{self.path}/{name}: {array.shape[0]} vectors but {len(ids)} ids; the store is damaged")
+                raise UserError(f"{self.path}/{name}: {array.shape[0]} vectors but {len(ids)} ids; "
+                                "the store is damaged")
             self._sections[name] = Section(name, ids, array, self.shard_rows)
         return self._sections[name]
 
@@ -222,9 +224,10 @@ class Store:
 
 
 def check_dataset(store: Store, dataset: BeirDataset) -> None:
-    """The store must hold the vectors of this dataset's corpus and queries: same name, same text files (qrels may differ)."""
+    """The store must hold this dataset's corpus and queries: same name, same text files (qrels may differ)."""
     if store.dataset_name != dataset.name:
-        raise UserError(f"{store.path}: a store of dataset {store.dataset_name!r}, not {dataset.name!r}; pass that dataset's store")
+        raise UserError(f"{store.path}: a store of dataset {store.dataset_name!r}, not {dataset.name!r}; "
+                        "pass that dataset's store")
     recorded, current = store.provenance["dataset"].get("files") or {}, dataset.file_hashes()
     changed = [f for f in recorded if not f.startswith("qrels/") and f in current and recorded[f] != current[f]]
     if changed:
@@ -254,12 +257,14 @@ def open_store(
             fs, root = fsspec.core.url_to_fs(path)
             found = fs.exists(f"{root}/zarr.json")
         except (ImportError, ValueError) as e:
-            raise UserError(f"{path}: cannot read this URL ({e}); install the fsspec backend it needs (e.g. s3fs, gcsfs)") from None
+            raise UserError(f"{path}: cannot read this URL ({e}); "
+                            "install the fsspec backend it needs (e.g. s3fs, gcsfs)") from None
     else:
         path = Path(path)
         found = (path / "zarr.json").is_file()
     if not found:
-        raise UserError(f"{path}: not a jepa-cache store (no zarr.json); build one with `jepa-cache build` or `jepa-cache import`")
+        raise UserError(f"{path}: not a jepa-cache store (no zarr.json); "
+                        "build one with `jepa-cache build` or `jepa-cache import`")
     zarr = _zarr()
     try:
         group = zarr.open_group(store=str(path), mode="r")
@@ -268,11 +273,13 @@ def open_store(
     if group.attrs.get("format") != FORMAT:
         raise UserError(f"{path}: zarr group is not a jepa-cache store (format {group.attrs.get('format')!r})")
     if group.attrs.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path}: store format version {group.attrs.get('format_version')} is not supported (need {FORMAT_VERSION}); rebuild it")
+        raise UserError(f"{path}: store format version {group.attrs.get('format_version')} is not supported "
+                        f"(need {FORMAT_VERSION}); rebuild it")
     store = Store(path, group)
     if require_complete and not store.complete:
         command = "import" if store.imported else "build"
-        raise UserError(f"{path}: the {command} of this store has not finished; re-run the same `jepa-cache {command}` to complete it")
+        raise UserError(f"{path}: the {command} of this store has not finished; "
+                        f"re-run the same `jepa-cache {command}` to complete it")
     if expect_dim is not None and store.dim != expect_dim:
         raise UserError(f"{path}: vectors are {store.dim}-d but {expect_dim}-d are expected (different encoder?)")
     if expect_encoder is not None and store.encoder_fingerprint != expect_encoder:

@@ -136,9 +136,11 @@ class StoreWriter:
         """Write one whole shard (rows of shard `index`), then its marker with a checksum; returns the checksum."""
         _, start, stop = self.shard_ranges(section)[index]
         if vectors.shape != (stop - start, self.provenance["dim"]):
-            raise ValueError(f"shard {section}/{index} needs shape {(stop - start, self.provenance['dim'])}, got {vectors.shape}")
+            raise ValueError(f"shard {section}/{index} needs shape {(stop - start, self.provenance['dim'])}, "
+                             f"got {vectors.shape}")
         if not np.isfinite(vectors).all():
-            raise UserError(f"{section} shard {index} (rows {start}-{stop}): the encoder produced NaN/inf; nothing written")
+            raise UserError(f"{section} shard {index} (rows {start}-{stop}): the encoder produced NaN/inf; "
+                            "nothing written")
         block = np.ascontiguousarray(vectors, dtype=self.provenance["dtype"])
         self.group[f"{section}/emb"][start:stop] = block
         sha = _block_sha(block)
@@ -159,7 +161,8 @@ class StoreWriter:
         if any(missing.values()):
             raise RuntimeError(f"cannot finalize {self.path}: shards missing {missing}")
         shards = {
-            s: [written.get((s, i)) or json.loads(_marker_path(self.path, s, i).read_text())["sha256"] for i, _, _ in self.shard_ranges(s)]
+            s: [written.get((s, i)) or json.loads(_marker_path(self.path, s, i).read_text())["sha256"]
+                for i, _, _ in self.shard_ranges(s)]
             for s in SECTIONS
         }
         self.group.attrs.update({**(extra or {}), "shards": shards, "complete": True, "finished": now_iso()})
@@ -190,7 +193,8 @@ def _alive(pid: int) -> bool:
 def verify_store(path: str | os.PathLike) -> list[str]:
     """Every problem found in a store (empty when sound): provenance, shapes, shards, checksums, NaN/inf."""
     if is_url(path):
-        raise UserError(f"{path}: verify reads shard markers on a local filesystem; verify the store before uploading it, "
+        raise UserError(f"{path}: verify reads shard markers on a local filesystem; "
+                        "verify the store before uploading it, "
                         "or copy it back and verify the copy")
     problems: list[str] = []
     try:
@@ -225,10 +229,12 @@ def verify_store(path: str | os.PathLike) -> list[str]:
                 continue
             bad = int((~np.isfinite(block).all(axis=1)).sum())
             if bad:
-                problems.append(f"{name} shard {index} (rows {start}-{stop}): {bad} NaN/inf rows (missing or damaged chunk)")
+                problems.append(f"{name} shard {index} (rows {start}-{stop}): {bad} NaN/inf rows "
+                                "(missing or damaged chunk)")
                 continue
             sha = _block_sha(block)
             want = json.loads(marker.read_text())["sha256"]
             if sha != want or (recorded is not None and index < len(recorded) and recorded[index] != sha):
-                problems.append(f"{name} shard {index} (rows {start}-{stop}): checksum mismatch (data changed after writing)")
+                problems.append(f"{name} shard {index} (rows {start}-{stop}): checksum mismatch "
+                                "(data changed after writing)")
     return problems

@@ -85,8 +85,9 @@ SCORED_SPLIT = "test"  # what eval scores by default: training on it would repor
 def _check_values(cfg: TrainConfig) -> None:
     """Refuse resolved values out of range, in one line naming the option."""
     if cfg.train_split == SCORED_SPLIT and not cfg.pairs and not cfg.allow_test_training:
-        raise UserError(f"--train-split {SCORED_SPLIT}: that is the split eval scores, so the results would be measured "
-                        "on the training queries; train on another split, or pass --allow-test-training if you mean it")
+        raise UserError(f"--train-split {SCORED_SPLIT}: that is the split eval scores, so the results would be "
+                        "measured on the training queries; train on another split, or pass --allow-test-training "
+                        "if you mean it")
     if cfg.strategy == "frozen-predictor" and cfg.predictor == "none":
         raise UserError(f"--strategy frozen-predictor needs a predictor (preset {cfg.preset} has none: add e.g. "
                         "--predictor residual --lambda-predictive 0.5); "
