@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .losses import effective_rank
+
 
 @dataclass(frozen=True)
 class PairedDelta:
@@ -192,7 +194,6 @@ def _spectra(train_store, heads: dict[str, tuple[str, str]]) -> tuple[dict[str, 
     import torch
 
     from .heads import load_heads
-    from .losses import effective_rank
     from .store import open_store
 
     rows = np.arange(min(train_store.corpus.rows, 4000))

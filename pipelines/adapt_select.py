@@ -123,8 +123,30 @@ def select() -> dict:
     results["choice"] = choose(results)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "select.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps(results["choice"], indent=1))
+    (OUT / "select.md").write_text(table(results))
+    print(table(results))
     return results
+
+
+def table(results: dict) -> str:
+    """Dev NDCG@10 (mean ± s.d. over seeds) per heads x adaptation, probes, and the rule's choice, as Markdown."""
+    names = [*ADAPT, JOINT]
+    lines = []
+    for name in TRAIN_SETS:
+        probe = OTHERS[name][0]
+        lines += [f"**trained on {name}** (probe: {probe} training queries on documents no {probe} test query judges; "
+                  f"vanilla probe {results['vanilla_probes'][probe]:.4f})", "",
+                  "| heads | probe | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+        for hname, seeds in results[name].items():
+            cells = []
+            for aname in names:
+                devs = [(joint(s) if aname == JOINT else s[aname])["dev"] for s in seeds.values()]
+                cells.append(f"{np.mean(devs):.4f}" + (f" ± {np.std(devs):.4f}" if len(devs) > 1 else ""))
+            p = np.mean([s["probes"][probe] for s in seeds.values()])
+            lines.append(f"| {hname} | {p:.4f} ({p - results['vanilla_probes'][probe]:+.4f}) | " + " | ".join(cells) + " |")
+        c = results["choice"][name]
+        lines += ["", f"The rule's choice: heads **{c['heads']}**, adaptation **{c['adapt']}** (dev {c['dev']:.4f}).", ""]
+    return "\n".join(lines)
 
 
 def joint(seed_row: dict) -> dict:
