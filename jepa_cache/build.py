@@ -17,11 +17,12 @@ from .datasets import CORPUS_TEMPLATE, QUERY_TEMPLATE, BeirDataset, corpus_text,
 from .errors import UserError
 from .distributed import barrier, broadcast, gather_to_main, main_lock, on_main, rank_device, world
 from .files import atomic_write_json, check_writable
-from .models import canonical_name, resolve_model, weights_sha256
+from .models import canonical_name, default_prompts, resolve_model, weights_sha256
 from .store import DTYPES, SECTIONS, Store, default_store_path, open_store
 from .store_writer import StoreWriter
 
 TEXT_OF = {"corpus": corpus_text, "queries": query_text}
+PROMPT_OF = {"corpus": "document", "queries": "query"}
 
 
 def check_options(cfg: BuildConfig) -> None:
@@ -48,6 +49,7 @@ def _existing(out: Path, wanted: dict) -> Store | None:
     found = {
         "source": p.get("source"),
         "weights_sha256": (p.get("encoder") or {}).get("weights_sha256"),
+        "prompts": (p.get("encoder") or {}).get("prompts"),
         "dataset files": (p.get("dataset") or {}).get("files"),
         "dtype": p.get("dtype"),
         "layout": p.get("layout"),
@@ -64,9 +66,26 @@ def _complete_summary(out: Path, wanted: dict) -> str | None:
     return f"{existing.corpus.rows} docs, {existing.queries.rows} queries" if existing and existing.complete else None
 
 
+def prompts_of(cfg: BuildConfig, folder: Path) -> dict[str, str]:
+    """Each side's prompt: the model's own (as encode_query / encode_document), unless the options give one."""
+    prompts = default_prompts(folder)
+    given = {"query": cfg.query_prompt, "document": cfg.document_prompt}
+    return {side: prompts[side] if given[side] is None else given[side] for side in prompts}
+
+
 def _prepare_store(out: Path, provenance: dict, ids: dict, cfg: BuildConfig) -> None:
-    """Create (or reopen) the store, and clear what a killed writer left, unless it is already complete."""
+    """Create (or reopen) the store, and clear what a killed writer left, unless it is already complete.
+
+    A build is resumed only by the runtime and precision that began it, so that the provenance is
+    true of every shard.
+    """
     writer = StoreWriter.open_or_create(out, provenance, ids, overwrite=cfg.overwrite)
+    began = writer.provenance.get("runtime")
+    if not writer.provenance.get("complete") and began is not None:
+        now = provenance["runtime"]
+        if (began["backend"], began["precision"]) != (now["backend"], now["precision"]):
+            raise UserError(f"{out}: this build began with --backend {began['backend']} ({began['precision']}); resume it with "
+                            f"the same, or pass --overwrite to start again with {now['backend']} ({now['precision']})")
     if not writer.provenance.get("complete"):
         writer.remove_partial_files()
         atomic_write_json(out / "build_config.json", cfg)
@@ -92,22 +111,31 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
     sha = weights_sha256(folder)
     files = dataset.file_hashes()
     layout = {"shard_rows": cfg.shard_rows, "chunk_rows": cfg.chunk_rows}
+    prompts = prompts_of(cfg, folder)
 
     if not cfg.overwrite:
-        wanted = {"source": "built", "weights_sha256": sha, "dataset files": files, "dtype": cfg.dtype, "layout": layout}
+        wanted = {"source": "built", "weights_sha256": sha, "prompts": prompts if any(prompts.values()) else None,
+                  "dataset files": files, "dtype": cfg.dtype, "layout": layout}
         # rank 0 looks and every rank follows, so that no rank returns while the others wait
         if done := on_main(w, lambda: _complete_summary(out, wanted)):
             log(f"{out}: already complete ({done}); nothing to do")
             return open_store(out)
 
+    from .backends import cached_conversion, load_runtime, resolve_backend, runtime_info
     from .encoder import embedding_dim, encoder_info, load_encoder, pick_device
 
     device = pick_device(rank_device(cfg.device, w))
+    resolve_backend(cfg.backend, device)  # a bad or missing runtime is refused before the model loads
     model = load_encoder(folder, device)
+    backend = resolve_backend(cfg.backend, device, model)
+    if backend != "torch":
+        on_main(w, lambda: cached_conversion(model, folder, backend, sha, log) and None)  # rank 0 converts (once; cached)
+    runtime = load_runtime(model, folder, backend, sha, log)
     name = str(cfg.model) if Path(cfg.model).exists() else canonical_name(cfg.model)
     provenance = {
         "source": "built",
-        "encoder": encoder_info(model, folder, name, sha),
+        "encoder": encoder_info(model, folder, name, sha, prompts),
+        "runtime": runtime_info(backend, device),
         "dataset": {"name": dataset.name, "path": str(dataset.root.resolve()), "files": files},
         "template": {"corpus": CORPUS_TEMPLATE, "queries": QUERY_TEMPLATE},
         "dim": embedding_dim(model),
@@ -149,7 +177,8 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
                         raise UserError(f"{paths[section]}: changed while the build was reading it; run the build again")
                     if (section, index) in mine:
                         bar.set_postfix_str(f"{section} shard {index}", refresh=False)
-                        vectors = encode(model, window, cfg.batch_size, on_batch=bar.update)
+                        vectors = encode(model, window, cfg.batch_size, on_batch=bar.update,
+                                         prompt=prompts[PROMPT_OF[section]], runtime=runtime)
                         written[(section, index)] = writer.write_shard(section, index, vectors)
         # every rank's shards are written; their checksums travel to rank 0 rather than through the
         # filesystem, whose view of other nodes' fresh files may lag (NFS attribute caches)
@@ -162,6 +191,6 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
         rate = rows_todo / seconds if seconds > 0 else float("nan")
         log(
             f"{out}: {store.corpus.rows} docs + {store.queries.rows} queries; encoded {rows_todo} rows "
-            f"in {seconds:.1f} s ({rate:.1f} rows/s) on {device}{f' x {w.size} ranks' if w.distributed else ''}"
+            f"in {seconds:.1f} s ({rate:.1f} rows/s) on {device} with {backend}{f' x {w.size} ranks' if w.distributed else ''}"
         )
         return store

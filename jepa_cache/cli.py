@@ -72,6 +72,12 @@ def build(
     dtype: str = typer.Option("float16", "--dtype", help="Stored precision: float16 (half the disk) or float32."),
     batch_size: int = typer.Option(32, "--batch-size", help="Texts per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    backend: str = typer.Option("auto", "--backend", help="Encoder runtime: torch, openvino or onnx (CPU; converted once, cached beside "
+                                "the model), auto (OpenVINO on CPU when installed, else PyTorch)."),
+    query_prompt: Optional[str] = typer.Option(None, "--query-prompt", help="Text put before each query (default: the model's query "
+                                               "prompt, as encode_query; \"\" for none)."),
+    document_prompt: Optional[str] = typer.Option(None, "--document-prompt", help="Text put before each document (default: the model's "
+                                                  "document prompt, as encode_document; \"\" for none)."),
     shard_rows: int = typer.Option(1024, "--shard-rows", help="Rows per shard: the unit of writing and of resume."),
     chunk_rows: int = typer.Option(128, "--chunk-rows", help="Rows per chunk: the unit of reading."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store at --out that was made differently."),
@@ -84,8 +90,9 @@ def build(
     from .config import BuildConfig
 
     run_build(BuildConfig(dataset=dataset, model=model, out=str(out) if out else None, data_dir=str(data_dir) if data_dir else None,
-                          dtype=dtype, batch_size=batch_size, device=device, shard_rows=shard_rows, chunk_rows=chunk_rows,
-                          overwrite=overwrite), log=typer.echo)
+                          dtype=dtype, batch_size=batch_size, device=device, backend=backend, query_prompt=query_prompt,
+                          document_prompt=document_prompt, shard_rows=shard_rows, chunk_rows=chunk_rows, overwrite=overwrite),
+              log=typer.echo)
 
 
 @app.command()

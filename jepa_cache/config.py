@@ -21,6 +21,9 @@ class BuildConfig:
     dtype: str = "float16"
     batch_size: int = 32
     device: str = "auto"
+    backend: str = "auto"  # torch | openvino | onnx | auto (PyTorch on CUDA; OpenVINO on CPU when installed)
+    query_prompt: str | None = None  # prepended to each query; None: the model's own (encode_query's)
+    document_prompt: str | None = None  # prepended to each document; None: the model's own (encode_document's)
     shard_rows: int = DEFAULT_SHARD_ROWS
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     overwrite: bool = False

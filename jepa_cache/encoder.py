@@ -1,8 +1,9 @@
 """Frozen encoding: exactly what `SentenceTransformer.encode` computes, with less padding.
 
-Texts are tokenized once, sorted by their true token counts (within the window the caller hands
-us, e.g. one shard, so a build can stream), padded per batch, run under `inference_mode`
-(autocast bf16/fp16 on CUDA, fp32 on CPU) and put back in input order.
+Texts are tokenized once (after their prompt, as `encode(prompt=...)` prepends it), sorted by their
+true token counts (within the window the caller hands us, e.g. one shard, so a build can stream),
+padded per batch, run under `inference_mode` (autocast bf16/fp16 on CUDA, fp32 on CPU) by PyTorch
+or a converted runtime (backends.py), and put back in input order.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .backends import FEATURES, TORCH, Runtime
 from .errors import UserError
-
-# What the tokenizer returns that the transformer takes (some tokenizers add offsets or lengths).
-_FEATURES = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -45,8 +44,8 @@ def load_encoder(folder: str | Path, device: torch.device | str = "cpu"):
     return model.eval()
 
 
-def encoder_info(model, folder: str | Path, name: str, weights_sha256: str) -> dict:
-    """The provenance of an encoder: everything that decides the vectors it makes."""
+def encoder_info(model, folder: str | Path, name: str, weights_sha256: str, prompts: dict[str, str]) -> dict:
+    """The provenance of an encoder: everything that decides the vectors it makes (prompts included)."""
     # By class name: the module paths moved between sentence-transformers 3 and 6.
     kinds = {type(m).__name__: m for m in model}
     pooling = kinds["Pooling"].get_config_dict().get("pooling_mode", "unknown") if "Pooling" in kinds else "unknown"
@@ -59,7 +58,7 @@ def encoder_info(model, folder: str | Path, name: str, weights_sha256: str) -> d
         "normalize": True,  # always L2-normalised here (a no-op for models that end in Normalize)
         "model_normalizes": "Normalize" in kinds,
         "dim": embedding_dim(model),
-    }
+    } | ({"prompts": dict(prompts)} if any(prompts.values()) else {})  # absent when none: older stores keep their identity
 
 
 def embedding_dim(model) -> int:
@@ -75,10 +74,16 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def tokenize(model, texts: Sequence[str]) -> dict[str, list[list[int]]]:
-    """Token ids of every text, unpadded, truncated to the model's max_seq_length as ST does."""
-    enc = model.tokenizer(list(texts), truncation="longest_first", max_length=model.max_seq_length, padding=False)
-    return {k: v for k, v in enc.items() if k in _FEATURES}
+def tokenize(model, texts: Sequence[str], prompt: str = "") -> dict[str, list[list[int]]]:
+    """Token ids of every text (after `prompt`), unpadded, truncated to the model's max_seq_length as ST does."""
+    enc = model.tokenizer([prompt + t for t in texts], truncation="longest_first", max_length=model.max_seq_length, padding=False)
+    return {k: v for k, v in enc.items() if k in FEATURES}
+
+
+def prompt_length(model, prompt: str) -> int:
+    """Tokens of `prompt` at the start of every text, as ST counts them for pooling that excludes the prompt."""
+    ids = model.tokenizer([prompt], truncation="longest_first", max_length=model.max_seq_length)["input_ids"][0]
+    return len(ids) - (1 if ids and ids[-1] in model.tokenizer.all_special_ids else 0)
 
 
 @torch.inference_mode()
@@ -87,11 +92,15 @@ def encode(
     texts: Sequence[str],
     batch_size: int = 32,
     on_batch: Callable[[int], None] | None = None,
+    prompt: str = "",
+    runtime: Runtime = TORCH,
 ) -> np.ndarray:
     """Encode `texts` to L2-normalised float32 vectors, rows in input order.
 
     Tokenizes once (ST tokenizes per batch after sorting by character count), sorts by the true
     token count so that each batch pads to almost nothing, and pads each batch from those ids.
+    `prompt` is what `SentenceTransformer.encode(prompt=...)` prepends (e.g. the model's query
+    prompt); `runtime` runs the transformer (backends.load_runtime; default PyTorch).
 
     Shape:
         returns [len(texts), dim]
@@ -100,15 +109,16 @@ def encode(
         raise UserError(f"--batch-size {batch_size}: must be a positive integer")
     device = model.device
     out = np.empty((len(texts), embedding_dim(model)), dtype=np.float32)
-    enc = tokenize(model, texts)
+    enc = tokenize(model, texts, prompt)
+    extra = {"prompt_length": prompt_length(model, prompt)} if prompt else {}
     lengths = np.fromiter(map(len, enc["input_ids"]), dtype=np.int64, count=len(texts))
     order = np.argsort(-lengths, kind="stable")  # longest first, like ST: a too-large batch fails at once
     with _autocast(device):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = model.tokenizer.pad({k: [v[i] for i in idx] for k, v in enc.items()}, return_tensors="pt")
-            features = {k: t.to(device) for k, t in batch.items()}
-            emb = model(features)["sentence_embedding"].float()
+            features = {k: t.to(device) for k, t in batch.items()} | extra
+            emb = runtime(model, features)
             out[idx] = F.normalize(emb, dim=-1).cpu().numpy()
             if on_batch:
                 on_batch(len(idx))

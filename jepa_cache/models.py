@@ -7,6 +7,7 @@ as one package).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -80,6 +81,23 @@ def weights_file(folder: Path) -> Path:
 def weights_sha256(folder: Path) -> str:
     """The encoder fingerprint: sha256 of its weights file."""
     return sha256_file(weights_file(folder))
+
+
+def default_prompts(folder: Path) -> dict[str, str]:
+    """The prompts `SentenceTransformer.encode_query` / `encode_document` prepend for this model ("" when none).
+
+    From the folder's config_sentence_transformers.json: `prompts["query"]`; the first of
+    `document`, `passage`, `corpus`; else the default prompt (`default_prompt_name`) for either.
+    """
+    path = folder / "config_sentence_transformers.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); fix or remove it") from None
+    prompts = config.get("prompts") or {}
+    default = prompts.get(config.get("default_prompt_name") or "") or ""
+    document = next((prompts[n] for n in ("document", "passage", "corpus") if n in prompts), default)
+    return {"query": prompts.get("query", default) or "", "document": document or ""}
 
 
 def model_folder_name(model: str) -> str:

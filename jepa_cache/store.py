@@ -86,6 +86,15 @@ def identity(provenance: dict) -> dict:
     return out
 
 
+def encoder_fingerprint(weights: str, prompts: dict[str, str] | None) -> str:
+    """The weights' sha256, plus a hash of the query/document prompts when there are any.
+
+    Vectors equal within tolerance share it (any fp32 backend); other prompts make other vectors.
+    """
+    used = {side: text for side, text in (prompts or {}).items() if text}
+    return f"{weights}+prompts:{canonical_hash(used)[:16]}" if used else weights
+
+
 def _join(base: str | Path, *parts: str) -> str | Path:
     return "/".join([str(base).rstrip("/"), *parts]) if is_url(base) else Path(base).joinpath(*parts)
 
@@ -206,9 +215,9 @@ class Store:
 
     @property
     def encoder_fingerprint(self) -> str:
-        """Identifies the encoder (its weights); heads trained on one encoder refuse another."""
+        """Identifies the encoder (its weights and prompts); heads trained on one encoder refuse another."""
         enc = self.provenance["encoder"]
-        return enc.get("weights_sha256") or f"declared:{enc['name']}"
+        return encoder_fingerprint(enc.get("weights_sha256") or f"declared:{enc['name']}", enc.get("prompts"))
 
     @property
     def fingerprint(self) -> str:
@@ -283,6 +292,11 @@ def open_store(
     if expect_dim is not None and store.dim != expect_dim:
         raise UserError(f"{path}: vectors are {store.dim}-d but {expect_dim}-d are expected (different encoder?)")
     if expect_encoder is not None and store.encoder_fingerprint != expect_encoder:
+        if store.encoder_fingerprint.split("+")[0] == expect_encoder.split("+")[0]:
+            raise UserError(
+                f"{path}: encoded with prompts {store.provenance['encoder'].get('prompts') or 'none'}, but these heads were "
+                "trained on vectors encoded with other prompts; use a store built with the same --query-prompt / --document-prompt"
+            )
         raise UserError(
             f"{path}: made by encoder {store.provenance['encoder']['name']} ({store.encoder_fingerprint[:12]}), "
             f"but these heads were trained on encoder {expect_encoder[:12]}; use a store of the same encoder"

@@ -1,13 +1,16 @@
-"""Benchmark: our build encoder path (`jepa_cache.encoder.encode`) against plain `SentenceTransformer.encode`.
+"""Benchmark: our build encoder path against plain `SentenceTransformer.encode`, per backend and thread count.
 
 Same model object, same texts (a fixed, evenly spaced subset of a BEIR corpus), same batch size,
-same device; runs are interleaved (the order alternates) and each side's median is reported, so
-drift in what else the machine is doing hits both sides alike. Outputs are checked to agree.
+same device. The sides are plain `SentenceTransformer.encode` (PyTorch fp32: the peer), our
+`jepa_cache.encoder.encode` with PyTorch, and ours with each converted backend installed (OpenVINO,
+ONNX Runtime; CPU only). They are interleaved block by block (`--block` texts; the order rotates
+every block), so drift in what else the machine is doing hits all sides alike; each side's time is
+the sum over blocks. Every side's output is checked against the peer's (minimum cosine).
 
-    python pipelines/bench_build.py                          # real all-mpnet-base-v2, 200 SciFact docs, CPU
-    python pipelines/bench_build.py --model minilm --docs 500
+    python pipelines/bench_build.py                          # real all-mpnet-base-v2, 500 SciFact docs, CPU, 1 and 2 threads
+    python pipelines/bench_build.py --docs 100 --threads 2   # a quicker look
     python pipelines/bench_build.py --model random-mpnet --device cuda --docs 4000   # mpnet's config, random weights
-    python pipelines/bench_build.py --model random-mpnet --device cuda --fiqa-sized --batch-size 256 --runs 1
+    python pipelines/bench_build.py --model random-mpnet --device cuda --fiqa-sized --batch-size 256 --block 57638
 
 `--fiqa-sized`: 57,638 documents (FiQA's corpus size) drawn in turn from SciFact's and NFCorpus's
 corpora, their lengths. On CUDA the fp16 peer (`SentenceTransformer.encode` on a half-precision copy
@@ -21,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -97,7 +99,7 @@ def machine(device) -> str:
 
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (torch {torch.__version__})"
 
 
 def main() -> None:
@@ -105,94 +107,90 @@ def main() -> None:
     parser.add_argument("--model", default="sentence-transformers/all-mpnet-base-v2", help="hub id, alias (mpnet, minilm), folder, or random-mpnet")
     parser.add_argument("--dataset", default="scifact")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--docs", type=int, default=200)
+    parser.add_argument("--docs", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--block", type=int, default=100, help="texts per interleaved block (each side encodes the same block in turn)")
+    parser.add_argument("--threads", default="1,2", help="comma-separated torch/runtime thread counts (CPU)")
+    parser.add_argument("--backends", default="openvino,onnx", help="converted backends to include when installed (CPU)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--fiqa-sized", action="store_true", help="57,638 SciFact/NFCorpus documents instead of --docs of --dataset")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for utilisation (default: by name)")
     args = parser.parse_args()
 
+    import importlib.util
+
     import torch
 
+    from jepa_cache.backends import TORCH, load_runtime, runtime_version
     from jepa_cache.encoder import encode, load_encoder, pick_device, tokenize
-    from jepa_cache.models import resolve_model
+    from jepa_cache.models import resolve_model, weights_sha256
 
     device = pick_device(args.device)
     texts = fiqa_sized(args.data_dir) if args.fiqa_sized else subset(args.dataset, args.data_dir, args.docs)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = random_mpnet(Path(tmp), tokenizer_source()) if args.model == "random-mpnet" else resolve_model(args.model)
-        model = load_encoder(folder, device)
+    tmp = tempfile.TemporaryDirectory()
+    folder = random_mpnet(Path(tmp.name), tokenizer_source()) if args.model == "random-mpnet" else resolve_model(args.model)
+    model = load_encoder(folder, device)
+    sha = weights_sha256(folder)
+    backends = [b for b in args.backends.split(",") if b and device.type == "cpu"
+                and importlib.util.find_spec({"openvino": "openvino", "onnx": "onnxruntime"}[b]) is not None]
+    threads = [int(t) for t in args.threads.split(",")] if device.type == "cpu" else [torch.get_num_threads()]
     weights = "random weights, mpnet's config" if args.model == "random-mpnet" else "real weights"
-    print(f"model {args.model} ({weights}), max_seq_length {model.max_seq_length}; {len(texts)} {args.dataset} documents; "
-          f"batch {args.batch_size}; device {device}: {machine(device)}")
+    tokens = sum(len(ids) for ids in tokenize(model, texts)["input_ids"])
+    print(f"model {args.model} ({weights}), max_seq_length {model.max_seq_length}; {len(texts)} {args.dataset} documents, "
+          f"{tokens:,} real tokens; batch {args.batch_size}; blocks of {args.block}; device {device}: {machine(device)}; "
+          f"backends {', '.join(f'{b} {runtime_version(b)}' for b in ['torch', *backends])}", flush=True)
+    half = None
+    if device.type == "cuda":  # the half-precision peer: what a user gets from ST with model.half()
+        import copy
+
+        half = copy.deepcopy(model).half()
+    params = sum(p.numel() for p in model.parameters())
+    peak = peak_tflops(device, args.peak_tflops)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def ours():
-        return encode(model, texts, args.batch_size)
-
-    def plain():
-        return model.encode(texts, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True)
-
-    sides = {"ours": ours, "plain": plain}
-    if device.type == "cuda":  # the half-precision peer: what a user gets from ST with model.half()
-        import copy
-
-        half = copy.deepcopy(model).half()
-
-        def plain_fp16():
-            return half.encode(texts, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True)
-
-        sides["plain_fp16"] = plain_fp16
-    head = texts[: args.batch_size]  # warm-up: first-call allocations and kernel choices are not what we measure
-    encode(model, head, args.batch_size)
-    for name, side in sides.items():
-        if name != "ours":
-            (half if name == "plain_fp16" else model).encode(head, batch_size=args.batch_size)
-    # Wall time is what a user waits; CPU time (this process, all threads) is what the work costs, and is
-    # the steadier figure when other processes share the cores.
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    cpu: dict[str, list[float]] = {name: [] for name in sides}
-    outputs: dict[str, np.ndarray] = {}
-    load_before = os.getloadavg()
-    for run in range(args.runs):
-        order = list(sides) if run % 2 == 0 else list(reversed(sides))
-        for name in order:
-            sync()
-            t0, c0 = time.perf_counter(), time.process_time()
-            outputs[name] = sides[name]()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-            print(f"  run {run + 1} {name:5s}: {len(texts) / times[name][-1]:8.2f} docs/s, {cpu[name][-1] / len(texts):.3f} CPU s/doc", flush=True)
-    load_after = os.getloadavg()
-    cos = (outputs["ours"] * outputs["plain"]).sum(axis=1)
-    rate = {name: len(texts) / statistics.median(t) for name, t in times.items()}
-    cost = {name: statistics.median(t) / len(texts) for name, t in cpu.items()}
-    print(f"ours  (jepa_cache.encoder.encode):    {rate['ours']:.2f} docs/s, {cost['ours']:.3f} CPU s/doc (medians of {args.runs})")
-    print(f"plain (SentenceTransformer.encode):   {rate['plain']:.2f} docs/s, {cost['plain']:.3f} CPU s/doc (medians of {args.runs})")
-    print(f"ratio ours/plain: {rate['ours'] / rate['plain']:.3f} (wall-clock throughput), {cost['plain'] / cost['ours']:.3f} (CPU time); "
-          f"outputs agree: min cosine {cos.min():.7f}, max |diff| {np.abs(outputs['ours'] - outputs['plain']).max():.2e}")
-    if "plain_fp16" in rate:
-        print(f"plain fp16 (SentenceTransformer.encode, model.half()): {rate['plain_fp16']:.1f} docs/s; ratio ours/plain_fp16 "
-              f"{rate['ours'] / rate['plain_fp16']:.3f}; min cosine vs ours {(outputs['ours'] * outputs['plain_fp16']).sum(1).min():.5f}")
-    tokens = sum(len(ids) for ids in tokenize(model, texts)["input_ids"])
-    params = sum(p.numel() for p in model.parameters())
-    peak = peak_tflops(device, args.peak_tflops)
-    for name in sides:
-        flops = 2 * params * tokens / statistics.median(times[name])
-        mfu = f", {100 * flops / (peak * 1e12):.1f}% of the {peak:g} TFLOP/s bf16 peak" if peak else ""
-        print(f"  {name:10s}: {tokens * rate[name] / len(texts):,.0f} real tokens/s, {flops / 1e12:.2f} TFLOP/s "
-              f"(2 x {params / 1e6:.1f}M params x tokens){mfu}")
-    cores = os.cpu_count() or 1
-    if device.type == "cpu" and max(load_before[0], load_after[0]) > 1.2 * torch.get_num_threads():
-        print(f"note: other processes were using the CPU (1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, "
-              f"on {cores} cores); absolute docs/s are depressed, the interleaved ratio is the comparable figure")
-    if cos.min() < 1 - 1e-6:
-        raise SystemExit("outputs differ by more than 1e-6 cosine: the benchmark compares different computations")
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        runtimes = {"torch": TORCH} | {b: load_runtime(model, folder, b, sha, log=lambda s: print(s, flush=True)) for b in backends}
+        sides = {"plain": lambda block: model.encode(block, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True)}
+        if half is not None:
+            sides["plain_fp16"] = lambda block: half.encode(block, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True)
+        for name, runtime in runtimes.items():
+            sides[f"ours_{name}"] = lambda block, runtime=runtime: encode(model, block, args.batch_size, runtime=runtime)
+        head = texts[:4]  # warm-up: first-call allocations and kernel choices are not what we measure
+        for side in sides.values():
+            side(head)
+        # Wall time is what a user waits; CPU time (this process, all threads) is what the work costs.
+        wall = {name: 0.0 for name in sides}
+        cpu = {name: 0.0 for name in sides}
+        outputs: dict[str, list[np.ndarray]] = {name: [] for name in sides}
+        load_before = os.getloadavg()
+        names = list(sides)
+        for b, start in enumerate(range(0, len(texts), args.block)):
+            block = texts[start : start + args.block]
+            for name in names[b % len(names):] + names[: b % len(names)]:  # rotate who goes first
+                sync()
+                t0, c0 = time.perf_counter(), time.process_time()
+                outputs[name].append(sides[name](block))
+                sync()
+                wall[name] += time.perf_counter() - t0
+                cpu[name] += time.process_time() - c0
+            print(f"  {n_threads} thread(s), block {b + 1}: " + ", ".join(f"{n} {len(block) * (b + 1) / wall[n]:.2f}" for n in names)
+                  + " docs/s so far", flush=True)
+        load_after = os.getloadavg()
+        peer = np.concatenate(outputs["plain"])
+        print(f"\n{n_threads} thread(s): 1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} cores")
+        print(f"  {'side':15s} {'docs/s':>8s} {'tokens/s':>9s} {'CPU s/doc':>9s} {'vs plain':>8s} {'CPU vs plain':>12s} {'min cos':>10s}")
+        for name in names:
+            got = np.concatenate(outputs[name])
+            cos = (got * peer).sum(axis=1).min()
+            flops = 2 * params * tokens / wall[name]
+            mfu = f"  {100 * flops / (peak * 1e12):.1f}% of {peak:g} TFLOP/s bf16" if peak else ""
+            print(f"  {name:15s} {len(texts) / wall[name]:8.2f} {tokens / wall[name]:9,.0f} {cpu[name] / len(texts):9.3f} "
+                  f"{wall['plain'] / wall[name]:7.2f}x {cpu['plain'] / cpu[name]:11.2f}x {cos:10.7f}{mfu}", flush=True)
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

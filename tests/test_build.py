@@ -194,8 +194,8 @@ def test_out_that_is_not_a_store_is_left_alone(tiny_model, tiny_beir, tmp_path):
 
 
 def test_minilm_integration(tmp_path):
-    """A real model (all-MiniLM-L6-v2, 384-d, BERT tokenizer with token_type_ids) on a small dataset."""
-    folder = minilm_folder()
+    """A real model (all-MiniLM-L6-v2, 384-d, BERT tokenizer with token_type_ids) on a small dataset, default backend."""
+    folder = shutil.copytree(minilm_folder(), tmp_path / "minilm")  # a converted backend caches beside it: not in site-packages
     data = write_beir(tmp_path / "data" / "mini", n_docs=48, n_queries=10, seed=3)
     store = build(cfg(data, folder, tmp_path / "s", dtype="float32", batch_size=8), log=quiet)
     ref = st_reference(folder, data, batch_size=8)

@@ -1,0 +1,168 @@
+"""build --backend: OpenVINO / ONNX Runtime stores equal the PyTorch store, conversions are cached, missing runtimes are one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import minilm_folder, write_beir
+from jepa_cache import backends
+from jepa_cache.build import build
+from jepa_cache.config import BuildConfig
+from jepa_cache.errors import UserError
+from jepa_cache.models import weights_sha256
+from jepa_cache.store import identity, verify_store
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+MODULE = {"openvino": "openvino", "onnx": "onnxruntime"}
+CONVERTED = [pytest.param(b, marks=pytest.mark.skipif(importlib.util.find_spec(m) is None, reason=f"{m} is not installed (pip install 'jepa-cache[{b}]')"))
+             for b, m in MODULE.items()]
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def cfg(dataset, model, out, **kw) -> BuildConfig:
+    return BuildConfig(**{"dataset": str(dataset), "model": str(model), "out": str(out), "shard_rows": 16, "chunk_rows": 8,
+                          "batch_size": 4, "dtype": "float32", "backend": "torch"} | kw)
+
+
+@pytest.fixture(scope="module")
+def model_copy(tiny_model, tmp_path_factory):
+    """The tiny encoder in a folder of this module's own, so that conversions cached beside it start from none."""
+    import shutil
+
+    return shutil.copytree(tiny_model, tmp_path_factory.mktemp("backend-model") / "tiny-mpnet")
+
+
+@pytest.mark.parametrize("backend", CONVERTED)
+def test_each_backend_store_equals_the_pytorch_store(backend, model_copy, tiny_beir, tmp_path):
+    reference = build(cfg(tiny_beir, model_copy, tmp_path / "torch"), log=quiet)
+    store = build(cfg(tiny_beir, model_copy, tmp_path / backend, backend=backend), log=quiet)
+    for section in ("corpus", "queries"):
+        assert store.section(section).ids == reference.section(section).ids
+        assert np.abs(store.section(section).vectors() - reference.section(section).vectors()).max() < 1e-5
+    runtime = store.provenance["runtime"]
+    assert runtime == {"backend": backend, "version": backends.runtime_version(backend), "precision": "float32"}
+    assert reference.provenance["runtime"]["backend"] == "torch"
+    # one encoder's vectors: heads trained on either store are accepted on the other
+    assert store.encoder_fingerprint == reference.encoder_fingerprint == weights_sha256(model_copy)
+    assert identity(store.provenance) == identity(reference.provenance)
+    assert verify_store(store.path) == []
+
+
+@pytest.mark.parametrize("backend", CONVERTED)
+def test_a_bert_model_with_token_type_ids_equals_sentence_transformers(backend, tmp_path):
+    """all-MiniLM-L6-v2 (BERT: its tokenizer's token_type_ids go in) against plain SentenceTransformer.encode."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    from jepa_cache.datasets import BeirDataset, read_corpus
+    from jepa_cache.encoder import load_encoder
+
+    folder = shutil.copytree(minilm_folder(), tmp_path / "minilm")  # conversions go beside it, not into site-packages
+    data = write_beir(tmp_path / "data" / "mini", n_docs=24, n_queries=4, seed=3)
+    store = build(cfg(data, folder, tmp_path / "s", backend=backend, batch_size=8), log=quiet)
+    assert backends.input_names(load_encoder(folder)) == ("input_ids", "attention_mask", "token_type_ids")
+    texts = read_corpus(BeirDataset("mini", data).corpus_path)[1]
+    ref = SentenceTransformer(str(folder), device="cpu").encode(texts, batch_size=8, normalize_embeddings=True)
+    assert np.abs(store.corpus.vectors() - ref).max() < 1e-5
+
+
+def test_a_conversion_is_cached_beside_the_model_and_reused(model_copy, tiny_beir, tmp_path, monkeypatch):
+    backend = "openvino" if importlib.util.find_spec("openvino") else "onnx"
+    if importlib.util.find_spec(MODULE[backend]) is None:
+        pytest.skip("no converted backend installed")
+    calls = []
+    real = backends.convert
+    monkeypatch.setattr(backends, "convert", lambda *a: calls.append(a[1]) or real(*a))
+    cached = backends.converted_path(model_copy, backend, weights_sha256(model_copy))
+    assert cached.parent == model_copy.parent / "tiny-mpnet.converted" and cached.name.endswith(weights_sha256(model_copy))
+    logs: list[str] = []
+    first = build(cfg(tiny_beir, model_copy, tmp_path / "a", backend=backend), log=logs.append)
+    was_cached = calls == []  # another test of this module may have converted it already
+    assert (cached / backends._FILES[backend]).is_file()
+    assert was_cached or any(f"converting tiny-mpnet for {backend}" in line for line in logs)
+    calls.clear()
+    logs.clear()
+    second = build(cfg(tiny_beir, model_copy, tmp_path / "b", backend=backend), log=logs.append)
+    assert calls == [] and not any("converting" in line for line in logs)
+    assert np.array_equal(first.corpus.vectors(), second.corpus.vectors())
+    assert not list(cached.parent.glob(".*partial*"))  # no half-written conversion left behind
+
+
+def test_a_failing_conversion_leaves_nothing_and_says_use_torch(model_copy, tiny_beir, tmp_path, monkeypatch):
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime is not installed")
+
+    def broken(model, backend, names, dest):
+        dest.mkdir(parents=True)
+        (dest / "half-written").write_text("x")
+        raise RuntimeError("cannot trace this graph")
+
+    monkeypatch.setattr(backends, "convert", broken)
+    monkeypatch.setattr(backends, "runtime_version", lambda b: "0.0-test")  # a cache entry no other test made
+    with pytest.raises(UserError, match=r"cannot convert for onnx \(RuntimeError: cannot trace this graph\); use --backend torch"):
+        build(cfg(tiny_beir, model_copy, tmp_path / "s", backend="onnx"), log=quiet)
+    assert not list((model_copy.parent / "tiny-mpnet.converted").glob("*0.0-test*"))
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_a_missing_runtime_is_one_line_naming_the_extra(backend, tiny_model, tiny_beir, tmp_path, cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, MODULE[backend], None)  # `import openvino` now raises ImportError
+    code, err = cli(["build", "--dataset", str(tiny_beir), "--model", str(tiny_model), "--out", str(tmp_path / "s"), "--backend", backend])
+    assert code == 2 and err == f"error: --backend {backend}: {MODULE[backend]} is not installed; pip install 'jepa-cache[{backend}]'\n"
+    assert not (tmp_path / "s").exists()
+
+
+def test_auto_is_openvino_on_cpu_when_installed_else_torch(tiny_model, monkeypatch):
+    import torch
+
+    from jepa_cache.encoder import load_encoder
+
+    model = load_encoder(tiny_model)
+    cpu = torch.device("cpu")
+    want = "openvino" if importlib.util.find_spec("openvino") else "torch"
+    assert backends.resolve_backend("auto", cpu, model) == want
+    assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert backends.resolve_backend("auto", cpu, model) == "torch"
+    with pytest.raises(UserError, match=r"--backend 'tensorrt': choose one of auto, torch, openvino, onnx"):
+        backends.resolve_backend("tensorrt", cpu)
+    with pytest.raises(UserError, match=r"--backend onnx: runs on the CPU only"):
+        backends.resolve_backend("onnx", torch.device("cuda"))
+
+
+def test_precision_is_recorded(monkeypatch):
+    import torch
+
+    assert backends.precision("torch", torch.device("cpu")) == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert backends.precision("torch", torch.device("cuda")) == "bfloat16"  # the build's autocast on CUDA
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert backends.precision("torch", torch.device("cuda")) == "float16"
+
+
+@pytest.mark.parametrize("backend", CONVERTED)
+def test_a_build_resumes_only_with_the_backend_it_began_with(backend, model_copy, tiny_beir, tmp_path, monkeypatch):
+    from jepa_cache.store import StoreWriter
+
+    real_write = StoreWriter.write_shard
+
+    def dies_after_one(self, section, index, vectors):
+        real_write(self, section, index, vectors)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StoreWriter, "write_shard", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        build(cfg(tiny_beir, model_copy, tmp_path / "s"), log=quiet)
+    monkeypatch.setattr(StoreWriter, "write_shard", real_write)
+    with pytest.raises(UserError, match=rf"began with --backend torch \(float32\); resume it with the same, or pass --overwrite"):
+        build(cfg(tiny_beir, model_copy, tmp_path / "s", backend=backend), log=quiet)
+    store = build(cfg(tiny_beir, model_copy, tmp_path / "s", backend=backend, overwrite=True), log=quiet)
+    assert store.provenance["runtime"]["backend"] == backend and verify_store(store.path) == []
