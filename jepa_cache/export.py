@@ -196,7 +196,7 @@ def export(heads_path: str | os.PathLike, out: str | os.PathLike, model: str | N
 
     folder = resolve_model(name)
     sha, expected = weights_sha256(folder), heads.encoder_fingerprint
-    if expected and not expected.startswith("declared:") and sha != expected:
+    if expected and not expected.startswith("declared:") and sha != expected.split("+prompts:")[0]:
         raise UserError(f"{folder}: weights sha256 {sha[:12]} differ from the encoder these heads were trained on ({expected[:12]}); "
                         "pass --model with that encoder")
     if expected is None or expected.startswith("declared:"):

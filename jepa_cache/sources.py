@@ -97,6 +97,9 @@ class EncoderSource:
 def live_encoder_folder(model: str | None, store: Store) -> Path:
     """The encoder folder for live training: `model`, else the one the store records; it must be the store's."""
     recorded = store.provenance["encoder"]
+    if recorded.get("prompts"):  # NOT DONE: the live encoders run without prompts; refuse rather than mix
+        raise UserError(f"{store.path}: built with prompts {recorded['prompts']}; train-live does not apply prompts yet, "
+                        "so it would train on other vectors than the store's: use train-heads (cached) with this store")
     local = recorded.get("path") if recorded.get("path") and Path(recorded["path"]).exists() else None
     name = model or local or recorded["name"]
     folder = resolve_model(name)

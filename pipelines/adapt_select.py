@@ -175,20 +175,32 @@ def choose(results: dict) -> dict:
 
 
 def curve() -> dict:
-    """Dev NDCG@10 against the number of labelled queries: NUDGE-N as published and the chosen recipe (seed 0)."""
+    """Dev NDCG@10 against the number of labelled queries (seed 0): NUDGE-N as published, and the chosen recipe with
+    its heads trained on those queries only (a pairs file of the subset; their own epoch choice holds out 20% of it)."""
     choice = json.loads((OUT / "select.json").read_text())["choice"]
     out = {}
     for name in TRAIN_SETS:
         store, (fit_pairs, dev_pairs) = split(name)
         hname = choice[name]["heads"]
-        heads = None if HEADS[hname] is None else train_heads(name, 0, HEADS[hname], OUT / "heads" / name / f"{hname}-s0")
         queries = np.unique(fit_pairs.query_rows)
         for count in (*CURVE, len(queries)):
             keep = np.random.default_rng(0).choice(queries, min(count, len(queries)), replace=False)
-            fit_sub = fit_pairs.select(np.isin(fit_pairs.query_rows, keep), f"{count} queries")
+            sub = fit_pairs.select(np.isin(fit_pairs.query_rows, keep), f"{count} queries")
+            folder = OUT / "curve" / name / f"{hname}-{len(keep)}"
+            if HEADS[hname] is None:
+                heads = None
+            elif len(keep) == len(queries):
+                heads = train_heads(name, 0, HEADS[hname], OUT / "heads" / name / f"{hname}-s0")
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                pairs_file = folder / "pairs.jsonl"
+                q_ids, d_ids = store.queries.ids, store.corpus.ids
+                pairs_file.write_text("".join(json.dumps({"query_id": q_ids[q], "doc_id": d_ids[d]}) + "\n"
+                                              for q, d in zip(sub.query_rows.tolist(), sub.doc_rows.tolist())))
+                heads = train_heads(name, 0, dict(HEADS[hname], pairs=str(pairs_file)), folder / "heads")
             for label, h, cfg in (("nudge-n (published)", None, adapt.AdaptConfig("nudge-n", "nudge-ft")),
-                                  (f"{hname} + nudge-n/ndcg", heads, adapt.AdaptConfig())):
-                gamma, power, rec = adapt.choose_on(cfg, store, h, fit_sub, dev_pairs)
+                                  (f"{hname} heads + nudge-n/ndcg", heads, adapt.AdaptConfig())):
+                gamma, power, rec = adapt.choose_on(cfg, store, h, sub, dev_pairs)
                 out.setdefault(name, {}).setdefault(label, {})[len(keep)] = round(rec["dev_ndcg@10"], 4)
                 print(name, label, len(keep), round(rec["dev_ndcg@10"], 4), flush=True)
     (OUT / "curve.json").write_text(json.dumps(out, indent=1))

@@ -14,7 +14,8 @@ from jepa_cache.build import build
 from jepa_cache.config import BuildConfig
 from jepa_cache.errors import UserError
 from jepa_cache.models import weights_sha256
-from jepa_cache.store import identity, verify_store
+from jepa_cache.store import identity
+from jepa_cache.store_writer import verify_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MODULE = {"openvino": "openvino", "onnx": "onnxruntime"}
@@ -150,7 +151,7 @@ def test_precision_is_recorded(monkeypatch):
 
 @pytest.mark.parametrize("backend", CONVERTED)
 def test_a_build_resumes_only_with_the_backend_it_began_with(backend, model_copy, tiny_beir, tmp_path, monkeypatch):
-    from jepa_cache.store import StoreWriter
+    from jepa_cache.store_writer import StoreWriter
 
     real_write = StoreWriter.write_shard
 

@@ -121,3 +121,16 @@ def test_stores_and_heads_of_other_prompts_are_refused(tiny_model, tiny_beir, tm
         evaluate(EvalConfig(datasets=[str(tiny_beir)], store=str(prompted.path), heads=str(heads), out=str(tmp_path / "e2")), log=quiet)
     with pytest.raises(UserError, match="other prompts"):
         open_store(plain.path, expect_encoder=prompted.encoder_fingerprint)
+
+
+def test_train_live_refuses_a_prompted_store(tiny_model, tiny_beir, tmp_path):
+    """The live encoders run without prompts (not done yet): a store built with prompts is refused, not mixed."""
+    from jepa_cache.config import LiveConfig, TrainConfig
+    from jepa_cache.live import train_live
+
+    prompted = build(cfg(tiny_beir, tiny_model, tmp_path / "prompted", query_prompt="query: "), log=quiet)
+    for strategy in ("full", "frozen-live"):
+        with pytest.raises(UserError, match="does not apply prompts yet"):
+            train_live(LiveConfig(TrainConfig(store=str(prompted.path), dataset=str(tiny_beir), out=str(tmp_path / strategy),
+                                              preset="jepa", output_dim=8, epochs=1, device="cpu"), strategy=strategy),
+                       log=quiet)
