@@ -72,3 +72,13 @@ def test_table_is_markdown_when_piped():
     lines = out.getvalue().splitlines()
     assert lines[0] == "study" and lines[2] == "| strategy | scifact (in-domain, imported) | nfcorpus (zero-shot, imported) |"
     assert lines[4] == f"| best | {long} | {long} |"  # whole, not cut at 80 columns
+
+
+def test_an_unchanged_run_is_no_significant_difference():
+    """Means over seeds of equal per-query scores can differ in the last bit: Δ 0 and no star."""
+    a = np.random.default_rng(0).random(300)
+    b = (a + a + a) / 3  # the mean of three seeds that all scored the same
+    d = report.paired_delta(a, b)
+    assert d.delta == 0 and not d.significant and d.p_value == 1.0
+    moved = report.paired_delta(a, a + 0.01)
+    assert moved.significant and moved.low > 0
