@@ -15,7 +15,7 @@ import numpy as np
 from . import nudge
 from .corrections import Corrections
 from .errors import UserError
-from .metrics import score, truncate
+from .search import tie_order
 from .pairs import DEV_SEED, Pairs
 from .store import Store
 
@@ -67,19 +67,48 @@ class Labelled:
     ids: list[str]
 
 
-def dev_ndcg(corpus_ids: Sequence[str], held: nudge.Held, dev: Labelled, rows: np.ndarray, moved: np.ndarray) -> float:
-    """NDCG@10 of the held-out queries when `rows` hold `moved` and every other row keeps its vector."""
-    s = dev.vectors @ moved.T
-    keep = min(11, s.shape[1])
-    top = np.argpartition(-s, keep - 1, axis=1)[:, :keep] if keep < s.shape[1] else np.broadcast_to(np.arange(s.shape[1]), s.shape)
-    qrels, run = {}, {}
-    for i, qid in enumerate(dev.ids):
-        cand = {corpus_ids[rows[j]]: float(s[i, j]) for j in top[i]}
-        cand.update({corpus_ids[r]: float(x) for r, x in zip(held.top_rows[i], held.top_scores[i]) if r >= 0})
-        cand.pop(qid, None)
-        run[qid] = cand
-        qrels[qid] = {corpus_ids[a]: 1 for a in dev.answers[i]}
-    return score(qrels, truncate(run, 10), recall_at=10)[0]["ndcg@10"]
+@dataclass
+class DevScorer:
+    """NDCG@10 of held-out queries (relevance 1 for each judged row) for many trial scores, vectorised.
+
+    The candidates of a query are the labelled rows (whose scores are given per trial) and its best
+    unlabelled rows (fixed, from `held`); a candidate with the query's own id is dropped (BEIR), and ties
+    rank as pytrec_eval ranks them (larger id first). tests/test_nudge.py checks it against pytrec_eval.
+    """
+
+    truth: np.ndarray  # [n, len(rows) + k] bool: candidate judged relevant
+    rows: np.ndarray  # [n, len(rows) + k] candidate corpus rows (-1: none)
+    fixed: np.ndarray  # [n, k] the unlabelled candidates' scores (-inf: dropped)
+    own: np.ndarray  # [n, len(rows)] bool: the labelled row with the query's own id (dropped)
+    ideal: np.ndarray  # [n] IDCG@10
+    tie: np.ndarray  # [n_docs] pytrec_eval's order among equal scores
+
+    @classmethod
+    def build(cls, corpus_ids: Sequence[str], held: nudge.Held, dev: Labelled, rows: np.ndarray) -> "DevScorer":
+        n = len(dev.ids)
+        cand = np.concatenate([np.broadcast_to(rows, (n, len(rows))), held.top_rows], axis=1)
+        truth = np.zeros(cand.shape, dtype=bool)
+        for i, answers in enumerate(dev.answers):
+            truth[i] = np.isin(cand[i], answers) & (cand[i] >= 0)
+        row_of = {d: r for r, d in enumerate(corpus_ids)}
+        mine = np.array([row_of.get(q, -2) for q in dev.ids])
+        fixed = np.where((held.top_rows == mine[:, None]) | (held.top_rows < 0), -np.inf, held.top_scores)
+        discount = 1 / np.log2(np.arange(2, 12))
+        ideal = np.array([discount[: min(len(set(a)), 10)].sum() for a in dev.answers])
+        return cls(truth, cand, fixed.astype(np.float64), rows[None, :] == mine[:, None], ideal, tie_order(list(corpus_ids)))
+
+    def __call__(self, s: np.ndarray) -> float:
+        """Mean NDCG@10 when the labelled rows score `s` [n, len(rows)]."""
+        scores = np.concatenate([np.where(self.own, -np.inf, s.astype(np.float64)), self.fixed], axis=1)
+        keep = min(16, scores.shape[1])
+        part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
+        top_s = np.take_along_axis(scores, part, 1)
+        top_t = self.tie[np.maximum(np.take_along_axis(self.rows, part, 1), 0)]
+        order = np.lexsort((top_t, -top_s), axis=1)[:, :10]
+        chosen = np.take_along_axis(part, order, 1)
+        gain = np.take_along_axis(self.truth, chosen, 1) & np.isfinite(np.take_along_axis(scores, chosen, 1))
+        dcg = (gain / np.log2(np.arange(2, 2 + gain.shape[1]))).sum(axis=1)
+        return float(np.mean(dcg / self.ideal))
 
 
 def choose(cfg: AdaptConfig, docs_of: Callable[[np.ndarray], np.ndarray], blocks: Iterable[np.ndarray],
@@ -92,14 +121,18 @@ def choose(cfg: AdaptConfig, docs_of: Callable[[np.ndarray], np.ndarray], blocks
     rows, g = nudge.query_sums(fit.vectors, fit.answers)
     docs = docs_of(rows)
     held = nudge.Held.build(dev.vectors, dev.answers, blocks, rows, k=11)
+    ndcg = DevScorer.build(corpus_ids, held, dev, rows)
     if cfg.rule == "nudge-ft":
         gamma = nudge.choose_gamma_n(held, rows, docs, g)
         return gamma, 0.0, {"rule": "nudge-ft", "dev_queries": len(dev.ids),
-                            "dev_ndcg@10": dev_ndcg(corpus_ids, held, dev, rows, nudge.nudge_n(docs, g, gamma))}
-    curve = {}
+                            "dev_ndcg@10": ndcg(dev.vectors @ nudge.nudge_n(docs, g, gamma).T)}
+    curve, qd = {}, dev.vectors @ docs.T
     for power in cfg.powers:
         g = nudge.query_sums(fit.vectors, fit.answers, power)[1]
-        curve.update({(gamma, power): dev_ndcg(corpus_ids, held, dev, rows, nudge.nudge_n(docs, g, gamma)) for gamma in cfg.gammas})
+        qg = dev.vectors @ g.T
+        for gamma in cfg.gammas:
+            a, b = nudge.nudge_n_terms(docs, g, gamma)
+            curve[gamma, power] = ndcg(a * qd + b * qg)
     gamma, power = max(curve, key=lambda k: (curve[k], -k[0], -k[1]))
     return gamma, power, {"rule": "ndcg", "dev_queries": len(dev.ids), "dev_ndcg@10": curve[gamma, power],
                           "base_dev_ndcg@10": curve[cfg.gammas[0], power],

@@ -28,15 +28,19 @@ def query_sums(queries: np.ndarray, answers: Sequence[Sequence[int]], power: flo
 
     Each query counts with weight |its answers|^-power (0: nudge-ft's plain sum; a query that judges
     many documents says less about each). A query that lists a document twice counts twice, as in nudge-ft.
+    One sparse (rows x queries) product in float64, so the sum does not depend on the order of the pairs.
     """
+    import torch
+
     sizes = np.array([len(a) for a in answers], dtype=np.int64)
     q_idx = np.repeat(np.arange(len(answers)), sizes)
     d_idx = np.fromiter((d for a in answers for d in a), dtype=np.int64, count=len(q_idx))
     rows, slot = np.unique(d_idx, return_inverse=True)
     weight = np.maximum(sizes, 1).astype(np.float64) ** -power
-    g = np.zeros((len(rows), queries.shape[1]), dtype=np.float64)
-    np.add.at(g, slot, queries[q_idx].astype(np.float64) * weight[q_idx, None])
-    return rows, g.astype(queries.dtype)
+    judged = torch.sparse_coo_tensor(torch.from_numpy(np.stack([slot.reshape(-1), q_idx])), torch.from_numpy(weight[q_idx]),
+                                     (len(rows), len(answers)), check_invariants=True)
+    g = torch.sparse.mm(judged, torch.from_numpy(np.asarray(queries, dtype=np.float64)))
+    return rows, g.numpy().astype(queries.dtype)
 
 
 def nudge_m(docs: np.ndarray, g: np.ndarray, gamma: float) -> np.ndarray:
@@ -44,26 +48,36 @@ def nudge_m(docs: np.ndarray, g: np.ndarray, gamma: float) -> np.ndarray:
     return docs + gamma * unit(g)
 
 
-def nudge_n(docs: np.ndarray, g: np.ndarray, gamma: float) -> np.ndarray:
-    """NUDGE-N: the point on the unit sphere within ‖Δ‖² ≤ γ of d that maximises g·(d + Δ).
+def nudge_n_terms(docs: np.ndarray, g: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """NUDGE-N's new vectors as a·d + b·g per document: (a, b), each [n_docs].
 
-    A document already within the step of ĝ becomes ĝ; one with g·d < 0 (or g parallel to d) stays.
+    The point on the unit sphere within ‖Δ‖² ≤ γ of d that maximises g·(d + Δ); a document already
+    within the step of ĝ becomes ĝ; one with g·d < 0 (or g parallel to d) stays. Being linear in d and g,
+    a query's scores for every γ come from two products, q·d and q·g, computed once.
     """
+    n = len(docs)
     if gamma == 0:
-        return docs.copy()
-    v = (g * docs).sum(axis=1)
-    c = (g * g).sum(axis=1)
+        return np.ones(n, dtype=np.float64), np.zeros(n, dtype=np.float64)
+    d64, g64 = docs.astype(np.float64), g.astype(np.float64)
+    v = (g64 * d64).sum(axis=1)
+    c = (g64 * g64).sum(axis=1)
     perp = np.sqrt(np.maximum(c - v * v, 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):
         mu = v + np.sqrt(gamma / (4 - gamma)) * perp
-        delta = gamma * (g - mu[:, None] * docs) / (2 * (mu - v))[:, None]
-    still = (c - v * v == 0) | (v < 0)
-    delta[still] = 0
-    out = docs + delta
-    g_hat = unit(g)
-    snap = (docs * g_hat).sum(axis=1) >= 1 - gamma / 2
-    out[snap] = g_hat[snap]
-    return out
+        denom = 2 * (mu - v)
+        a, b = 1 - gamma * mu / denom, gamma / denom
+    still = (c - v * v <= 0) | (v < 0)
+    a[still], b[still] = 1.0, 0.0
+    norm = np.sqrt(c)
+    snap = v >= (1 - gamma / 2) * norm
+    a[snap], b[snap] = 0.0, 1 / norm[snap]
+    return a, b
+
+
+def nudge_n(docs: np.ndarray, g: np.ndarray, gamma: float) -> np.ndarray:
+    """NUDGE-N: the new document vectors [n_docs, d] (see `nudge_n_terms`)."""
+    a, b = nudge_n_terms(docs, g, gamma)
+    return (a[:, None] * docs + b[:, None] * g).astype(docs.dtype)
 
 
 @dataclass
@@ -123,14 +137,25 @@ def choose_gamma_n(held: Held, rows: np.ndarray, docs: np.ndarray, g: np.ndarray
         truth[i, len(rows):] = np.isin(held.top_rows[i, :k], answers)
     n_labels = np.array([len(set(a)) for a in held.answers], dtype=np.float64)
     best_gamma, best_acc = 0.0, -1.0
+    qd, qg = held.queries @ docs.T, held.queries @ g.T
     for gamma in gammas:
-        scores = np.concatenate([held.queries @ nudge_n(docs, g, gamma).T, held.top_scores[:, :k]], axis=1)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        a, b = nudge_n_terms(docs, g, gamma)
+        scores = np.concatenate([a * qd + b * qg, held.top_scores[:, :k]], axis=1)
+        top = _top(scores, k)
         hits = np.take_along_axis(truth, top, axis=1).sum(axis=1)
         acc = float((hits / np.minimum(n_labels, k)).sum() / len(top))
         if acc > best_acc:
             best_gamma, best_acc = float(gamma), acc
     return best_gamma
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's k highest scores, best first (first index on ties)."""
+    if k == 1:
+        return np.argmax(scores, axis=1)[:, None]
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.lexsort((part, -np.take_along_axis(scores, part, 1)), axis=1)
+    return np.take_along_axis(part, order, 1)
 
 
 def choose_gamma_m(held: Held, rows: np.ndarray, docs: np.ndarray, g: np.ndarray) -> float:

@@ -14,7 +14,7 @@ statistic per sample of the rows scaled by sqrt(d) (see `losses.isotropy_stats`)
     python pipelines/ablation.py --train nfcorpus --variants B,best --seeds 0
     python pipelines/ablation.py --table-only                      # rebuild the tables from what is on disk
 
-Stores: data/cache/<dataset>/all-mpnet-base-v2.imported (what `jepa-cache run` imports from
+Stores: data/cache/<dataset>/all-mpnet-base-v2 (what `jepa-cache run` imports from
 $JEPA_CACHE_REFERENCE; imported here when missing). Outputs: runs/ablation/<train>/<variant>-s<seed>/
 (heads, eval, row.json), runs/ablation/ablation.{md,json}. Finished rows are reused.
 """
@@ -80,7 +80,7 @@ POSTHOC = ("B", "B-8ep", "B-lr1e-3", "B+pred-tower", "B+refit", "best")
 
 
 def store_path(dataset: str) -> Path:
-    return ROOT / "data" / "cache" / dataset / "all-mpnet-base-v2.imported"
+    return ROOT / "data" / "cache" / dataset / "all-mpnet-base-v2"
 
 
 def ensure_store(dataset: str):
@@ -150,7 +150,8 @@ def run_variant(train_ds: str, name: str, seed: int, dev) -> dict:
         heads_dir = folder / "heads"
         t0 = time.perf_counter()
         result = train(TrainConfig(store=str(store_path(train_ds)), dataset=train_ds, strategy=strategy, seed=seed,
-                                   out=str(heads_dir), overwrite=True, device="cpu", **overrides), log=lambda s: None)
+                                   out=str(heads_dir), overwrite=True, device="cpu", **{"adapt": "none", **overrides}),
+                       log=lambda s: None)  # the heads alone: per-document corrections are adapt_select.py's ablation
         heads = load_heads(heads_dir)
         record = result.dev
         row.update(params=heads.parameter_counts()["total"], seconds=round(time.perf_counter() - t0, 2),

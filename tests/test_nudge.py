@@ -135,3 +135,32 @@ def test_adapt_command_then_eval_applies_the_corrections(cli, tmp_path, syntheti
                           (["--dev-fraction", "1"], "--dev-fraction")):
         code, text = cli(["adapt", "--store", str(store.path), "--dataset", str(root), *argv])
         assert code == 2 and message in text and len(text.strip().splitlines()) == 1, text
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dev_scorer_is_pytrec_evals_ndcg(seed):
+    """The vectorised dev NDCG@10 against pytrec_eval on the same candidates: labelled rows moved, the rest
+    fixed, a document with the query's own id dropped, exact ties included."""
+    from jepa_cache.adapt import DevScorer, Labelled
+    from jepa_cache.metrics import score
+
+    rng = np.random.default_rng(seed)
+    docs = nudge.unit(rng.normal(size=(120, 8)).astype(np.float32))
+    ids = [f"d{i:03d}" for i in range(120)]
+    queries = nudge.unit(rng.normal(size=(30, 8)).astype(np.float32))
+    docs[70] = docs[71] = queries[0]  # an exact tie at the top of query 0: only the id decides who is first
+    answers = [[int(a) for a in rng.choice(40, size=rng.integers(1, 5), replace=False)] for _ in range(30)]
+    answers[0] = [70, *answers[0]]
+    q_ids = [f"q{i}" for i in range(29)] + ["d005"]  # one query shares a document's id (ArguAna)
+    dev = Labelled(queries, answers, q_ids)
+    rows = np.unique(rng.choice(40, size=25, replace=False))
+    rows = np.union1d(rows, [3, 5])
+    held = nudge.Held.build(queries, answers, [docs[:50], docs[50:]], rows, k=11)
+    moved = nudge.unit(docs[rows] + 0.5 * rng.normal(size=(len(rows), 8)).astype(np.float32))
+    got = DevScorer.build(ids, held, dev, rows)(queries @ moved.T)
+    full = docs.copy()
+    full[rows] = moved
+    s = queries @ full.T
+    run = {q: {ids[j]: float(s[i, j]) for j in range(120) if ids[j] != q} for i, q in enumerate(q_ids)}
+    qrels = {q: {ids[a]: 1 for a in answers[i]} for i, q in enumerate(q_ids)}
+    assert got == pytest.approx(score(qrels, run, recall_at=10)[0]["ndcg@10"], abs=1e-9)
