@@ -314,6 +314,27 @@ def _fit_and_refit(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.d
     return heads, result, steps, dev_record, choice
 
 
+def _refit_corrections(cfg: TrainConfig, store: Store, heads: Heads, pairs: Pairs, choice: tuple,
+                       log: Callable[[str], None]):
+    """The corrections with the settings dev chose, from every training query, in the final heads' space."""
+    corrections = corrections_on(AdaptConfig(cfg.adapt), store, heads.eval(), pairs, *choice)
+    log(f"{cfg.adapt}: {len(corrections.doc_ids):,} documents corrected from {corrections.labelled_queries:,} "
+        "labelled queries")
+    return corrections
+
+
+def _write(out: Path, heads: Heads, corrections, meta: dict, cfg: TrainConfig, partial: Path) -> None:
+    """Old heads.json first (so old heads are never read without their corrections), then corrections, then
+    the new heads (heads.json last: it marks the folder finished), the config and the steps."""
+    (out / META_FILE).unlink(missing_ok=True)
+    remove_corrections(out)
+    if corrections is not None:
+        corrections.save(out)
+    save_heads(heads, out, meta)
+    atomic_write_json(out / CONFIG_FILE, cfg)
+    partial.replace(out / STEPS_FILE)
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] = print,
           make_source: SourceFactory | None = None) -> TrainResult:
     """Train heads on a store's cached vectors (or on the batches `make_source` encodes) and save them under `out`.
@@ -347,11 +368,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
 
                 heads, result, steps, dev_record, choice = _fit_and_refit(cfg, store, pairs, device, w, log,
                                                                           write_step, make_source)
-            corrections = None
-            if choice is not None:  # refit on every training query, in the final heads' space
-                corrections = corrections_on(AdaptConfig(cfg.adapt), store, heads.eval(), pairs, *choice)
-                log(f"{cfg.adapt}: {len(corrections.doc_ids):,} documents corrected from "
-                    f"{corrections.labelled_queries:,} labelled queries")
+            corrections = _refit_corrections(cfg, store, heads, pairs, choice, log) if choice is not None else None
             seconds = time.perf_counter() - t0
             final = mean_parts(result.history[-steps:])
             record = training_record(
@@ -360,12 +377,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
                 device=str(device), trainable_parameters=heads.parameter_counts()["total"],
                 live=make_source is not None, ranks=w.size, dev=dev_record, adapt=corrections and corrections.summary())
             if w.main:
-                remove_corrections(out)  # a stale set must never sit beside new heads
-                if corrections is not None:  # first: heads.json, written last, marks the folder finished
-                    corrections.save(out)
-                save_heads(heads, out, {"store": store_record(store), "training": record})
-                atomic_write_json(out / CONFIG_FILE, cfg)
-                partial.replace(out / STEPS_FILE)
+                _write(out, heads, corrections, {"store": store_record(store), "training": record}, cfg, partial)
         except NonFiniteLoss as e:  # its steps stay, for the post-mortem; no heads are written
             failed = out / "steps.failed.jsonl"
             if w.main:
