@@ -84,7 +84,8 @@ class DevScorer:
     tie: np.ndarray  # [n_docs] pytrec_eval's order among equal scores
 
     @classmethod
-    def build(cls, corpus_ids: Sequence[str], held: nudge.Held, dev: Labelled, rows: np.ndarray) -> "DevScorer":
+    def build(cls, corpus_ids: Sequence[str], held: nudge.Held, dev: Labelled, rows: np.ndarray,
+              tie: np.ndarray) -> "DevScorer":
         n = len(dev.ids)
         cand = np.concatenate([np.broadcast_to(rows, (n, len(rows))), held.top_rows], axis=1)
         truth = np.zeros(cand.shape, dtype=bool)
@@ -95,17 +96,22 @@ class DevScorer:
         fixed = np.where((held.top_rows == mine[:, None]) | (held.top_rows < 0), -np.inf, held.top_scores)
         discount = 1 / np.log2(np.arange(2, 12))
         ideal = np.array([discount[: min(len(set(a)), 10)].sum() for a in dev.answers])
-        return cls(truth, cand, fixed.astype(np.float64), rows[None, :] == mine[:, None], ideal, tie_order(list(corpus_ids)))
+        return cls(truth, cand, fixed.astype(np.float64), rows[None, :] == mine[:, None], ideal, tie)
 
     def __call__(self, s: np.ndarray) -> float:
         """Mean NDCG@10 when the labelled rows score `s` [n, len(rows)]."""
         scores = np.concatenate([np.where(self.own, -np.inf, s.astype(np.float64)), self.fixed], axis=1)
         keep = min(16, scores.shape[1])
         part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
+        tenth = -np.partition(-scores, min(10, scores.shape[1]) - 1, axis=1)[:, min(10, scores.shape[1]) - 1]
+        wide = np.flatnonzero((scores >= tenth[:, None]).sum(axis=1) > keep)  # a tie group crosses the cut
         top_s = np.take_along_axis(scores, part, 1)
         top_t = self.tie[np.maximum(np.take_along_axis(self.rows, part, 1), 0)]
         order = np.lexsort((top_t, -top_s), axis=1)[:, :10]
         chosen = np.take_along_axis(part, order, 1)
+        for i in wide:  # rank the whole row as pytrec_eval does: score, then larger id first
+            full = np.lexsort((self.tie[np.maximum(self.rows[i], 0)], -scores[i]))[:10]
+            chosen[i, : len(full)] = full
         gain = np.take_along_axis(self.truth, chosen, 1) & np.isfinite(np.take_along_axis(scores, chosen, 1))
         dcg = (gain / np.log2(np.arange(2, 2 + gain.shape[1]))).sum(axis=1)
         return float(np.mean(dcg / self.ideal))
@@ -120,8 +126,9 @@ def choose(cfg: AdaptConfig, docs_of: Callable[[np.ndarray], np.ndarray], blocks
     """
     rows, g = nudge.query_sums(fit.vectors, fit.answers)
     docs = docs_of(rows)
-    held = nudge.Held.build(dev.vectors, dev.answers, blocks, rows, k=11)
-    ndcg = DevScorer.build(corpus_ids, held, dev, rows)
+    tie = tie_order(list(corpus_ids))
+    held = nudge.Held.build(dev.vectors, dev.answers, blocks, rows, k=11, tie=tie)
+    ndcg = DevScorer.build(corpus_ids, held, dev, rows, tie)
     if cfg.rule == "nudge-ft":
         gamma = nudge.choose_gamma_n(held, rows, docs, g)
         return gamma, 0.0, {"rule": "nudge-ft", "dev_queries": len(dev.ids),

@@ -310,12 +310,14 @@ def adapt(
                         "queries that moved the documents; use train (or another split)")
     if not 0 < dev_fraction < 1:
         raise UserError(f"--dev-fraction {dev_fraction}: must be in (0, 1)")
-    st = open_store(store)
     loaded = load_heads(heads) if heads else None
+    st = open_store(store, expect_dim=loaded.config.input_dim if loaded else None,
+                    expect_encoder=loaded.encoder_fingerprint if loaded else None)
     if loaded is not None and loaded.similarity != "cos":
         raise UserError(f"--heads {heads}: corrections move documents on the unit sphere; these heads score by "
                         f"{loaded.similarity}")
-    folder = out or (heads if heads else Path("runs/corrections") / st.dataset_name / f"nudge-n-{rule}-s{seed}")
+    folder = out or ((heads if heads.is_dir() else heads.parent) if heads
+                     else Path("runs/corrections") / st.dataset_name / f"nudge-n-{rule}-s{seed}")
     ds = recorded_dataset(st.provenance["dataset"], dataset, str(data_dir) if data_dir else None)
     corrections = adapt_store(cfg, st, qrels_pairs(st, ds.qrels_path(train_split)), loaded, dev_seed=seed,
                               dev_fraction=dev_fraction, log=typer.echo)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .files import atomic_path, atomic_write_json
+from .files import atomic_path, atomic_write_json, sha256_file
 
 FILE_JSON, FILE_WEIGHTS = "corrections.json", "corrections.safetensors"
 
@@ -40,10 +40,13 @@ class Corrections:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / FILE_JSON).unlink(missing_ok=True)
+        vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        if not np.isfinite(vectors).all():
+            raise ValueError("corrections with non-finite values")  # a bug upstream: never write them
         with atomic_path(folder / FILE_WEIGHTS) as tmp:
-            save_file({"vectors": np.ascontiguousarray(self.vectors, dtype=np.float32)}, str(tmp))
+            save_file({"vectors": vectors}, str(tmp))
         meta = {k: v for k, v in asdict(self).items() if k != "vectors"}
-        atomic_write_json(folder / FILE_JSON, meta)
+        atomic_write_json(folder / FILE_JSON, {**meta, "weights_sha256": sha256_file(folder / FILE_WEIGHTS)})
         return folder / FILE_JSON
 
     @classmethod
@@ -53,6 +56,9 @@ class Corrections:
         folder = Path(folder)
         try:
             meta = json.loads((folder / FILE_JSON).read_text())
+            sha = meta.pop("weights_sha256")
+            if sha256_file(folder / FILE_WEIGHTS) != sha:
+                raise ValueError(f"{FILE_WEIGHTS} is not the file {FILE_JSON} names (sha256 differs)")
             vectors = load_file(str(folder / FILE_WEIGHTS))["vectors"]
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{folder}: unreadable corrections ({e}); run train-heads or adapt again") from None
@@ -71,6 +77,20 @@ class Corrections:
         if missing:
             raise UserError(f"corrections name {len(missing)} documents absent from the store (e.g. {missing[0]!r})")
         return np.array([row_of[d] for d in self.doc_ids], dtype=np.int64)
+
+
+def for_store(corrections: "Corrections | None", store, heads) -> tuple[np.ndarray, np.ndarray] | None:
+    """(rows, vectors) when `corrections` were made for this store and these heads; None for another store
+    (the heads apply alone). Refused: corrections made in other heads' space, or for heads that do not score by cosine.
+    """
+    if corrections is None or corrections.store_fingerprint != store.fingerprint:
+        return None
+    if corrections.heads_fingerprint != (heads.fingerprint if heads is not None else None):
+        raise UserError("the corrections beside these heads were made in the space of other heads; retrain them "
+                        "(train-heads --overwrite) or pass --corrections of these heads")
+    if heads is not None and heads.similarity != "cos":
+        raise UserError(f"corrections are unit vectors for cosine search; these heads score by {heads.similarity}")
+    return corrections.rows_in(store.corpus.row_of), corrections.vectors
 
 
 def remove(folder: str | os.PathLike) -> None:

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from .corrections import FILE_JSON as CORRECTIONS_FILE
 from .corrections import Corrections, apply_to_block
 from .corrections import find as find_corrections
+from .corrections import for_store as corrections_for_store
 from .config import EvalConfig
 from .datasets import BeirDataset, find_dataset, read_qrels
 from .errors import UserError
@@ -157,14 +158,10 @@ def _prepare(dataset: BeirDataset, cfg: EvalConfig, heads: Any, corrections: Any
 
 def _corrections_for(store: Store, corrections: Any, heads: Any, log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray] | None:
     """The corrections' (rows, vectors) when they were made for this store and these heads; None elsewhere (heads alone)."""
-    if corrections is None:
-        return None
-    if corrections.store_fingerprint != store.fingerprint:
+    fixed = corrections_for_store(corrections, store, heads)
+    if corrections is not None and fixed is None:
         log(f"{store.dataset_name}: corrections belong to another store; the heads apply alone")
-        return None
-    if corrections.heads_fingerprint != (heads.fingerprint if heads is not None else None):
-        raise UserError("--corrections were made in the space of other heads; pass the heads they were trained with")
-    return corrections.rows_in(store.corpus.row_of), corrections.vectors
+    return fixed
 
 
 def _evaluate_one(prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, similarity: str, out: Path, tag: str,
@@ -300,6 +297,11 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, heads: Any = N
     }
     check_writable(out)
     prepared = [_prepare(dataset, cfg, heads, corrections, similarity, log) for dataset in datasets]  # every refusal before any write
+    if cfg.corrections and all(p.corrections is None for p in prepared):
+        raise UserError(f"--corrections {cfg.corrections}: made for another store than those of "
+                        f"{', '.join(d.name for d in datasets)}; pass the store they were made for")
+    if corrections is not None and similarity != "cos":
+        raise UserError(f"--similarity {similarity}: corrections are unit vectors for cosine search; drop one of them")
     with exclusive_lock(out, "eval"):
         written: list[Path] = [] if out.exists() else [out]
         (out / "results.json").unlink(missing_ok=True)  # a stale one must never describe the files this run replaces

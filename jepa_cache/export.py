@@ -34,6 +34,7 @@ from torch import nn
 from .errors import UserError
 from .corrections import Corrections, apply_to_block
 from .corrections import find as find_corrections
+from .corrections import for_store
 from .files import atomic_dir, atomic_write_json
 from .heads import TOWERS, Adapter, Heads, Residual, load_heads
 from .models import resolve_model, weights_sha256
@@ -190,7 +191,7 @@ def export(heads_path: str | os.PathLike, out: str | os.PathLike, model: str | N
         docs_store = open_store(store, expect_dim=heads.config.input_dim, expect_encoder=heads.encoder_fingerprint)
         found = find_corrections(heads_path)
         corrections = Corrections.load(found) if found is not None else None
-        if corrections is not None and corrections.store_fingerprint != docs_store.fingerprint:
+        if corrections is not None and for_store(corrections, docs_store, heads) is None:
             log(f"{docs_store.path}: the heads' corrections belong to another store; its vectors go through the heads alone")
             corrections = None
 

@@ -25,6 +25,7 @@ from .datasets import recorded_dataset, read_qrels
 from .encoder import load_encoder, pick_device
 from .errors import UserError
 from .files import atomic_dir, atomic_write_bytes, atomic_write_json, exclusive_lock
+from .corrections import remove as remove_corrections
 from .heads import Heads, describe, save_heads
 from .jepa_encoder import JEPAEncoder
 from .loop import DevSet, FitResult, fit, mean_parts
@@ -46,7 +47,10 @@ def resolve_live(cfg: LiveConfig) -> LiveConfig:
     """Resolve the heads' config from its preset and the live defaults that depend on the strategy."""
     if cfg.strategy not in STRATEGIES:
         raise UserError(f"--strategy {cfg.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    tcfg = resolve_config(cfg.train)
+    if cfg.train.adapt not in (None, "none"):
+        raise UserError(f"--adapt {cfg.train.adapt}: per-document corrections belong to one cached store; train-live "
+                        "changes or runs the encoder, so it makes none (train-heads does)")
+    tcfg = dataclasses.replace(resolve_config(cfg.train), adapt="none")  # `best` brings nudge-n: cached training only
     head_lr = cfg.head_lr if cfg.head_lr is not None else (STUDY_HEAD_LR if cfg.strategy == "full" else tcfg.lr)
     resolved = dataclasses.replace(cfg, train=tcfg, head_lr=head_lr,
                                    phase2_epochs=tcfg.epochs if cfg.phase2_epochs is None else cfg.phase2_epochs)
@@ -244,6 +248,7 @@ def _save(cfg: LiveConfig, store: Store, done: _Trained, out: Path, device: torc
         final=mean_parts(last_epoch), seconds=seconds, epoch_seconds=done.epoch_seconds, device=str(device),
         trainable_parameters=done.trainable, live=True, encoder_changed=done.model is not None,
         validation=done.validation)
+    remove_corrections(out)  # corrections of earlier heads in this folder must not sit beside these
     save_heads(done.heads, out, {"store": store_meta, "training": record})
     atomic_write_json(out / CONFIG_FILE, done.train_cfg)
     atomic_write_bytes(out / STEPS_FILE, "".join(json.dumps(r) + "\n" for r in done.history).encode())

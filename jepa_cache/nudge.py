@@ -69,7 +69,7 @@ def nudge_n_terms(docs: np.ndarray, g: np.ndarray, gamma: float) -> tuple[np.nda
     still = (c - v * v <= 0) | (v < 0)
     a[still], b[still] = 1.0, 0.0
     norm = np.sqrt(c)
-    snap = v >= (1 - gamma / 2) * norm
+    snap = (norm > 0) & (v >= (1 - gamma / 2) * norm)  # a document no query judged (g = 0) never snaps
     a[snap], b[snap] = 0.0, 1 / norm[snap]
     return a, b
 
@@ -96,8 +96,11 @@ class Held:
 
     @classmethod
     def build(cls, queries: np.ndarray, answers: Sequence[Sequence[int]], blocks: Iterable[np.ndarray],
-              labelled: np.ndarray, k: int = 2) -> "Held":
-        """One pass over the corpus `blocks` (row order): the k best unlabelled rows of every query."""
+              labelled: np.ndarray, k: int = 2, tie: np.ndarray | None = None) -> "Held":
+        """One pass over the corpus `blocks` (row order): the k best unlabelled rows of every query.
+
+        Equal scores keep the rows first in `tie` (e.g. search.tie_order: pytrec_eval's order); default row order.
+        """
         n = len(queries)
         top_s = np.full((n, k), -np.inf, dtype=np.float32)
         top_r = np.full((n, k), -1, dtype=np.int64)
@@ -116,7 +119,8 @@ class Held:
             s[:, own] = -np.inf
             both_s = np.concatenate([top_s, s], axis=1)
             both_r = np.concatenate([top_r, np.broadcast_to(np.arange(start, start + len(block)), s.shape)], axis=1)
-            order = np.argsort(-both_s, axis=1, kind="stable")[:, :k]
+            key = np.where(both_r >= 0, tie[np.maximum(both_r, 0)] if tie is not None else both_r, np.iinfo(np.int64).max)
+            order = np.lexsort((key, -both_s), axis=1)[:, :k]
             top_s, top_r = np.take_along_axis(both_s, order, 1), np.take_along_axis(both_r, order, 1)
             start += len(block)
         return cls(queries, answers, top_s, top_r, answer_scores)

@@ -12,6 +12,7 @@ import pytest
 from jepa_cache import nudge
 from jepa_cache.corrections import Corrections
 from jepa_cache.config import EvalConfig
+from jepa_cache.errors import UserError
 from jepa_cache.evaluate import evaluate
 
 
@@ -103,8 +104,11 @@ def test_corrections_apply_only_to_their_store(tmp_path, synthetic_store):
     assert with_corr["corrections_applied"] == 5
     assert with_corr["metrics"] == run(reference, "b")["metrics"]
     assert with_corr["metrics"]["mrr@10"] >= 0.5
-    other = run(reference, "c", corrections=str(tmp_path / "corr"))  # another store: corrections not applied
-    assert other["corrections_applied"] == 0
+    with pytest.raises(UserError, match="made for another store"):  # named explicitly for a store they do not belong to
+        run(reference, "c", corrections=str(tmp_path / "corr"))
+    (tmp_path / "corr" / "corrections.safetensors").write_bytes(b"not the file the JSON names")
+    with pytest.raises(UserError, match="sha256 differs"):
+        run(store, "d", corrections=str(tmp_path / "corr"))
 
 
 def test_adapt_command_then_eval_applies_the_corrections(cli, tmp_path, synthetic_store):
@@ -143,6 +147,7 @@ def test_dev_scorer_is_pytrec_evals_ndcg(seed):
     fixed, a document with the query's own id dropped, exact ties included."""
     from jepa_cache.adapt import DevScorer, Labelled
     from jepa_cache.metrics import score
+    from jepa_cache.search import tie_order
 
     rng = np.random.default_rng(seed)
     docs = nudge.unit(rng.normal(size=(120, 8)).astype(np.float32))
@@ -155,12 +160,49 @@ def test_dev_scorer_is_pytrec_evals_ndcg(seed):
     dev = Labelled(queries, answers, q_ids)
     rows = np.unique(rng.choice(40, size=25, replace=False))
     rows = np.union1d(rows, [3, 5])
-    held = nudge.Held.build(queries, answers, [docs[:50], docs[50:]], rows, k=11)
+    tie = tie_order(ids)
+    held = nudge.Held.build(queries, answers, [docs[:50], docs[50:]], rows, k=11, tie=tie)
     moved = nudge.unit(docs[rows] + 0.5 * rng.normal(size=(len(rows), 8)).astype(np.float32))
-    got = DevScorer.build(ids, held, dev, rows)(queries @ moved.T)
+    got = DevScorer.build(ids, held, dev, rows, tie)(queries @ moved.T)
     full = docs.copy()
     full[rows] = moved
     s = queries @ full.T
     run = {q: {ids[j]: float(s[i, j]) for j in range(120) if ids[j] != q} for i, q in enumerate(q_ids)}
     qrels = {q: {ids[a]: 1 for a in answers[i]} for i, q in enumerate(q_ids)}
     assert got == pytest.approx(score(qrels, run, recall_at=10)[0]["ndcg@10"], abs=1e-9)
+
+
+def test_dev_scorer_with_many_tied_documents():
+    """NUDGE-N snaps every document judged by the same queries onto one vector: tie groups larger than any
+    cut, among labelled and among unlabelled rows, must still rank as pytrec_eval ranks them."""
+    from jepa_cache.adapt import DevScorer, Labelled
+    from jepa_cache.metrics import score
+    from jepa_cache.search import tie_order
+
+    rng = np.random.default_rng(3)
+    docs = nudge.unit(rng.normal(size=(200, 8)).astype(np.float32))
+    queries = nudge.unit(rng.normal(size=(4, 8)).astype(np.float32))
+    docs[100:130] = queries[1]  # 30 identical unlabelled documents at the top of query 1; the last one relevant
+    ids = [f"d{i:03d}" for i in range(200)]
+    answers = [[58, 59], [129], [2], [3, 4]]
+    rows = np.arange(0, 60)
+    moved = np.repeat(queries[:1], len(rows), axis=0)  # 60 labelled rows snapped onto query 0's direction
+    dev = Labelled(queries, answers, [f"q{i}" for i in range(4)])
+    tie = tie_order(ids)
+    held = nudge.Held.build(queries, answers, [docs[:70], docs[70:]], rows, k=11, tie=tie)
+    got = DevScorer.build(ids, held, dev, rows, tie)(queries @ moved.T)
+    full = docs.copy()
+    full[rows] = moved
+    s = queries @ full.T
+    run = {q: {ids[j]: float(s[i, j]) for j in range(200)} for i, q in enumerate(dev.ids)}
+    want = score({q: {ids[a]: 1 for a in answers[i]} for i, q in enumerate(dev.ids)}, run, recall_at=10)[0]["ndcg@10"]
+    assert want > 0 and got == pytest.approx(want, abs=1e-9)
+
+
+def test_a_document_no_query_judged_stays_put():
+    docs = nudge.unit(np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32))
+    g = np.zeros((3, 4), dtype=np.float32)
+    g[0] = docs[0]
+    for gamma in (0.5, 1.9):
+        moved = nudge.nudge_n(docs, g, gamma)
+        assert np.isfinite(moved).all() and np.allclose(moved[1:], docs[1:])

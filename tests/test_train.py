@@ -485,8 +485,10 @@ def test_training_on_the_scored_split_needs_allow_test_training(tmp_path):
 
 
 
-def test_best_saves_corrections_refit_on_every_training_query(tiny_store, tiny_beir, tmp_path):
+def test_best_saves_corrections_refit_on_every_training_query(synthetic_store, tiny_beir, tmp_path):
     from jepa_cache.corrections import Corrections
+
+    tiny_store = synthetic_store(_unit(40, 16, 0), _unit(12, 16, 1), dataset="tiny")
     from jepa_cache.datasets import read_qrels
 
     res = train(_cfg(tiny_store, tiny_beir, tmp_path / "h", preset="best", output_dim=16, epochs=1), **QUIET)
@@ -497,6 +499,14 @@ def test_best_saves_corrections_refit_on_every_training_query(tiny_store, tiny_b
     assert sorted(corr.doc_ids) == sorted({d for docs in qrels.values() for d, r in docs.items() if r > 0})
     assert res.record["adapt"]["documents"] == len(corr.doc_ids) and corr.record["rule"] == "ndcg"
     assert np.allclose(np.linalg.norm(corr.vectors, axis=1), 1, atol=1e-5)
+    from jepa_cache.config import EvalConfig
+    from jepa_cache.evaluate import evaluate
+    from jepa_cache.heads import load_heads
+
+    assert load_heads(res.out).fingerprint == corr.heads_fingerprint  # the saved heads, not only the in-memory ones
+    ev = evaluate(EvalConfig(datasets=[str(tiny_beir)], store=str(tiny_store.path), heads=str(res.out),
+                             out=str(tmp_path / "ev")), log=lambda s: None)
+    assert ev["datasets"]["tiny"]["corrections_applied"] == len(corr.doc_ids)
     again = train(_cfg(tiny_store, tiny_beir, tmp_path / "h", preset="best", output_dim=16, epochs=1, adapt="none",
                        overwrite=True), **QUIET)
     assert again.record["adapt"] is None and not (again.out / "corrections.json").exists()  # no stale set
