@@ -191,7 +191,12 @@ def choose_gamma_m(held: Held, rows: np.ndarray, docs: np.ndarray, g: np.ndarray
 
 
 def _most_covered(lows: np.ndarray, highs: np.ndarray) -> float:
-    """The lowest γ inside the most closed intervals [low, high] (0 when there are none), as nudge-ft's sweep finds it."""
+    """The lowest γ inside the most closed intervals [low, high] (0 when there are none).
+
+    nudge-ft sweeps the same intervals, but its ε in the crossing points keeps two answers of one query from
+    crossing at exactly the same γ; computed exactly here, such a point counts for both (the package agrees on
+    the test cases; on such exact coincidences it may pick the neighbouring point).
+    """
     if len(lows) == 0:
         return 0.0
     points = np.sort(lows)
