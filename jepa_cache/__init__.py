@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 # Public names resolved on first use, so `import jepa_cache` (and `jepa-cache --help`) never pays
 # for torch.
 _LAZY = {
+    "open_store": "store", "train_heads": "api", "evaluate_datasets": "api", "Corrections": "corrections",
     "JEPASIGRegLoss": "losses",
     "Heads": "heads",
     "HeadsConfig": "heads",
