@@ -145,7 +145,7 @@ def eval_cmd(
     data_dir: Optional[Path] = DataDirOpt,
     heads: Optional[Path] = typer.Option(None, "--heads", help="Trained heads; without them the base vectors are scored (vanilla)."),
     corrections: Optional[Path] = typer.Option(None, "--corrections", help="Per-document corrections folder (default: the heads' folder when it holds some); applied only to the store they were made for."),
-    query_tower: Optional[str] = typer.Option(None, "--query-tower", help="vanilla | projection | predictor (default: vanilla, predictor with --heads)."),
+    query_tower: Optional[str] = typer.Option(None, "--query-tower", help="vanilla | projection | predictor (default: vanilla, or the heads' own tower with --heads)."),
     similarity: Optional[str] = typer.Option(None, "--similarity", help="cos | l2 (default: cos, or the heads' own)."),
     index: str = typer.Option("faiss", "--index", help="faiss, or torch (exact matmul, a cross-check)."),
     faiss_index: str = typer.Option("Flat", "--faiss-index", help="FAISS factory string: Flat (exact), HNSW32, IVF1024,Flat, ..."),
@@ -434,6 +434,11 @@ _OS_HINTS = {
 }
 
 
+def _interrupted() -> None:
+    typer.echo("interrupted; nothing half-written was kept (rerun the same command: finished work is reused)", err=True)
+    sys.exit(130)
+
+
 def _click_exceptions() -> tuple[type, ...]:
     """click's ClickException classes: typer >= 0.2x vendors click as `typer._click`, older typer uses click itself."""
     import importlib
@@ -482,9 +487,12 @@ def main() -> None:
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt):
+        _interrupted()
+    except SystemExit as e:  # typer turns Ctrl-C into a silent exit 130
+        if e.code == 130:
+            _interrupted()
+        raise
     except _click_exceptions() as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # `jepa-cache` alone, or a group without its command: the help
             e.show()

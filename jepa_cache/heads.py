@@ -307,7 +307,11 @@ def load_heads(path: str | os.PathLike, device: torch.device | str = "cpu") -> H
     is what `open_store(expect_encoder=...)` wants.
     """
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such heads folder; pass the folder train-heads wrote (its --out)")
     folder = path if path.is_dir() else path.parent
+    if not (folder / META_FILE).is_file():
+        raise UserError(f"{folder}: holds no {META_FILE}; pass the folder train-heads wrote (its --out)")
     record = read_json(folder / META_FILE)
     if record.get("format") != FORMAT:
         raise UserError(f"{folder / META_FILE}: not a jepa-cache heads file (format {record.get('format')!r})")

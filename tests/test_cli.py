@@ -55,3 +55,19 @@ def test_help_exits_zero(monkeypatch, capsys):
 def test_user_error_is_one_line(monkeypatch, capsys, tmp_path):
     code, out, err = run_main(monkeypatch, capsys, ["train-heads", "--store", str(tmp_path / "absent")])
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and str(tmp_path / "absent") in err
+
+
+def test_a_missing_heads_folder_is_named(monkeypatch, capsys, tmp_path):
+    code, _, err = run_main(monkeypatch, capsys, ["export", "--heads", str(tmp_path / "nope"), "--out", str(tmp_path / "m")])
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'nope'}: no such heads folder") and err.count("\n") == 1, err
+
+
+def test_ctrl_c_says_so(monkeypatch, capsys):
+    import jepa_cache.models
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jepa_cache.models, "fetch_model", interrupted)
+    code, _, err = run_main(monkeypatch, capsys, ["fetch-model", "minilm"])
+    assert code == 130 and err.startswith("interrupted; nothing half-written was kept") and "Traceback" not in err, err
