@@ -36,7 +36,10 @@ def make_tiny_mpnet(dest: Path, hidden: int = 32, seed: int = 0) -> Path:
     """
     import torch
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Normalize, Pooling, Transformer
+    try:  # sentence-transformers 6 moved the modules; `models` is the deprecated 5.x home
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:
+        from sentence_transformers.models import Normalize, Pooling, Transformer
     from transformers import AutoTokenizer, MPNetConfig, MPNetModel
 
     torch.manual_seed(seed)
