@@ -133,8 +133,10 @@ def default_out(root: Path, dataset: str, name: str) -> Path:
 
 
 def with_width(cfg: TrainConfig, input_dim: int) -> TrainConfig:
-    """`output_dim` 0 (`best`'s) is the encoder's width: resolved once the store is known, and recorded so."""
-    return cfg if cfg.output_dim else dataclasses.replace(cfg, output_dim=input_dim)
+    """`output_dim` 0 (`best`'s) is the encoder's width, and so is a preset's width that a narrower encoder
+    cannot give (`jepa`'s 512 on MiniLM's 384): resolved once the store is known, and recorded so."""
+    too_wide = cfg.output_dim == PRESETS[cfg.preset]["output_dim"] > input_dim and cfg.init != "random"
+    return dataclasses.replace(cfg, output_dim=input_dim) if not cfg.output_dim or too_wide else cfg
 
 
 def build_heads(cfg: TrainConfig, input_dim: int, init_vectors: Tensor | None) -> Heads:

@@ -510,3 +510,11 @@ def test_best_saves_corrections_refit_on_every_training_query(synthetic_store, t
     again = train(_cfg(tiny_store, tiny_beir, tmp_path / "h", preset="best", output_dim=16, epochs=1, adapt="none",
                        overwrite=True), **QUIET)
     assert again.record["adapt"] is None and not (again.out / "corrections.json").exists()  # no stale set
+
+
+def test_a_preset_wider_than_the_encoder_takes_its_width(tiny_store, tiny_beir, tmp_path):
+    """jepa's PCA 768->512 on a narrower encoder (MiniLM's 384; here 16-d) uses the encoder's width."""
+    res = train(_cfg(tiny_store, tiny_beir, tmp_path, output_dim=None, epochs=1), **QUIET)
+    assert res.config.output_dim == 16 and res.heads.config.output_dim == 16
+    with pytest.raises(UserError, match="--output-dim <= 16"):  # a width asked for explicitly is not changed
+        train(_cfg(tiny_store, tiny_beir, tmp_path / "x", output_dim=32, epochs=1), **QUIET)
