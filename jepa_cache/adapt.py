@@ -19,7 +19,9 @@ from .search import tie_order
 from .pairs import DEV_SEED, Pairs
 from .store import Store
 
-METHODS = ("nudge-n",)  # NUDGE-M (nudge.nudge_m) leaves the unit sphere: it needs inner-product search, which eval has not
+METHODS = (
+    "nudge-n",
+)  # NUDGE-M (nudge.nudge_m) leaves the unit sphere: it needs inner-product search, which eval has not
 RULES = ("ndcg", "nudge-ft")
 NDCG_GAMMAS = tuple(round(0.02 * i, 2) for i in range(51))  # NUDGE-N's step, ‖Δ‖² ≤ γ, from 0 to 1
 POWERS = (0.0, 0.5, 1.0)  # a query weighs |its relevant documents|^-power in each document's target
@@ -42,8 +44,10 @@ class AdaptConfig:
 
     def validate(self) -> "AdaptConfig":
         if self.method not in METHODS:
-            raise UserError(f"adapt method {self.method!r}: choose {' or '.join(METHODS)} (NUDGE-M's vectors leave the "
-                            "unit sphere and need inner-product search, which eval does not offer)")
+            raise UserError(
+                f"adapt method {self.method!r}: choose {' or '.join(METHODS)} (NUDGE-M's vectors leave the "
+                "unit sphere and need inner-product search, which eval does not offer)"
+            )
         if self.rule not in RULES:
             raise UserError(f"--rule {self.rule!r}: choose one of {', '.join(RULES)}")
         if any(p < 0 for p in self.powers) or any(not 0 <= g < 2 for g in self.gammas):
@@ -84,8 +88,9 @@ class DevScorer:
     tie: np.ndarray  # [n_docs] pytrec_eval's order among equal scores
 
     @classmethod
-    def build(cls, corpus_ids: Sequence[str], held: nudge.Held, dev: Labelled, rows: np.ndarray,
-              tie: np.ndarray) -> "DevScorer":
+    def build(
+        cls, corpus_ids: Sequence[str], held: nudge.Held, dev: Labelled, rows: np.ndarray, tie: np.ndarray
+    ) -> "DevScorer":
         n = len(dev.ids)
         cand = np.concatenate([np.broadcast_to(rows, (n, len(rows))), held.top_rows], axis=1)
         truth = np.zeros(cand.shape, dtype=bool)
@@ -117,8 +122,14 @@ class DevScorer:
         return float(np.mean(dcg / self.ideal))
 
 
-def choose(cfg: AdaptConfig, docs_of: Callable[[np.ndarray], np.ndarray], blocks: Iterable[np.ndarray],
-           corpus_ids: Sequence[str], fit: Labelled, dev: Labelled) -> tuple[float, float, dict]:
+def choose(
+    cfg: AdaptConfig,
+    docs_of: Callable[[np.ndarray], np.ndarray],
+    blocks: Iterable[np.ndarray],
+    corpus_ids: Sequence[str],
+    fit: Labelled,
+    dev: Labelled,
+) -> tuple[float, float, dict]:
     """(γ, power, record): the settings of `fit`'s corrections that cfg.rule picks on `dev`.
 
     `docs_of(rows)`: those corpus rows in the heads' space, unit length; `blocks`: the whole corpus so, in
@@ -131,8 +142,15 @@ def choose(cfg: AdaptConfig, docs_of: Callable[[np.ndarray], np.ndarray], blocks
     ndcg = DevScorer.build(corpus_ids, held, dev, rows, tie)
     if cfg.rule == "nudge-ft":
         gamma = nudge.choose_gamma_n(held, rows, docs, g)
-        return gamma, 0.0, {"rule": "nudge-ft", "dev_queries": len(dev.ids),
-                            "dev_ndcg@10": ndcg(dev.vectors @ nudge.nudge_n(docs, g, gamma).T)}
+        return (
+            gamma,
+            0.0,
+            {
+                "rule": "nudge-ft",
+                "dev_queries": len(dev.ids),
+                "dev_ndcg@10": ndcg(dev.vectors @ nudge.nudge_n(docs, g, gamma).T),
+            },
+        )
     curve, qd = {}, dev.vectors @ docs.T
     for power in cfg.powers:
         g = nudge.query_sums(fit.vectors, fit.answers, power)[1]
@@ -141,19 +159,43 @@ def choose(cfg: AdaptConfig, docs_of: Callable[[np.ndarray], np.ndarray], blocks
             a, b = nudge.nudge_n_terms(docs, g, gamma)
             curve[gamma, power] = ndcg(a * qd + b * qg)
     gamma, power = max(curve, key=lambda k: (curve[k], -k[0], -k[1]))
-    return gamma, power, {"rule": "ndcg", "dev_queries": len(dev.ids), "dev_ndcg@10": curve[gamma, power],
-                          "base_dev_ndcg@10": curve[cfg.gammas[0], power],
-                          "curve": {f"{p:g}/{k:.2f}": round(v, 5) for (k, p), v in curve.items()}}
+    return (
+        gamma,
+        power,
+        {
+            "rule": "ndcg",
+            "dev_queries": len(dev.ids),
+            "dev_ndcg@10": curve[gamma, power],
+            "base_dev_ndcg@10": curve[cfg.gammas[0], power],
+            "curve": {f"{p:g}/{k:.2f}": round(v, 5) for (k, p), v in curve.items()},
+        },
+    )
 
 
-def make_corrections(cfg: AdaptConfig, docs_of: Callable[[np.ndarray], np.ndarray], corpus_ids: Sequence[str],
-                     labelled: Labelled, gamma: float, power: float, store_fingerprint: str, heads_fingerprint: str | None,
-                     record: dict) -> Corrections:
+def make_corrections(
+    cfg: AdaptConfig,
+    docs_of: Callable[[np.ndarray], np.ndarray],
+    corpus_ids: Sequence[str],
+    labelled: Labelled,
+    gamma: float,
+    power: float,
+    store_fingerprint: str,
+    heads_fingerprint: str | None,
+    record: dict,
+) -> Corrections:
     """NUDGE with step γ from `labelled`'s judgements: one vector for every document some query judged relevant."""
     rows, g = nudge.query_sums(labelled.vectors, labelled.answers, power)
     moved = nudge.nudge_n(docs_of(rows), g, gamma).astype(np.float32)
-    return Corrections([corpus_ids[r] for r in rows], moved, cfg.method, float(gamma), store_fingerprint, heads_fingerprint,
-                       len(labelled.ids), record)
+    return Corrections(
+        [corpus_ids[r] for r in rows],
+        moved,
+        cfg.method,
+        float(gamma),
+        store_fingerprint,
+        heads_fingerprint,
+        len(labelled.ids),
+        record,
+    )
 
 
 def labelled(store: Store, pairs: Pairs, to_space: Callable[[np.ndarray], np.ndarray]) -> Labelled:
@@ -163,7 +205,9 @@ def labelled(store: Store, pairs: Pairs, to_space: Callable[[np.ndarray], np.nda
         by_query.setdefault(q, []).append(d)
     rows = np.fromiter(by_query, dtype=np.int64, count=len(by_query))
     ids = store.queries.ids
-    return Labelled(nudge.unit(to_space(store.queries.vectors(np.float32, rows))), list(by_query.values()), [ids[r] for r in rows])
+    return Labelled(
+        nudge.unit(to_space(store.queries.vectors(np.float32, rows))), list(by_query.values()), [ids[r] for r in rows]
+    )
 
 
 def _space(heads, side: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -199,18 +243,38 @@ class Space:
 def choose_on(cfg: AdaptConfig, store: Store, heads, fit_pairs: Pairs, dev_pairs: Pairs) -> tuple[float, float, dict]:
     """(γ, power, record) chosen on `dev_pairs` for corrections fitted on `fit_pairs`, in `heads`' space (None: none)."""
     space = Space(store, heads)
-    return choose(cfg, space.docs, space.blocks(), store.corpus.ids, space.labelled(fit_pairs), space.labelled(dev_pairs))
+    return choose(
+        cfg, space.docs, space.blocks(), store.corpus.ids, space.labelled(fit_pairs), space.labelled(dev_pairs)
+    )
 
 
-def corrections_on(cfg: AdaptConfig, store: Store, heads, pairs: Pairs, gamma: float, power: float, record: dict) -> Corrections:
+def corrections_on(
+    cfg: AdaptConfig, store: Store, heads, pairs: Pairs, gamma: float, power: float, record: dict
+) -> Corrections:
     """The corrections that `pairs` make with the chosen γ and power, in `heads`' space (None: the base vectors)."""
     space = Space(store, heads)
-    return make_corrections(cfg, space.docs, store.corpus.ids, space.labelled(pairs), gamma, power, store.fingerprint,
-                            heads.fingerprint if heads is not None else None, {**record, "power": power})
+    return make_corrections(
+        cfg,
+        space.docs,
+        store.corpus.ids,
+        space.labelled(pairs),
+        gamma,
+        power,
+        store.fingerprint,
+        heads.fingerprint if heads is not None else None,
+        {**record, "power": power},
+    )
 
 
-def adapt_store(cfg: AdaptConfig, store: Store, pairs: Pairs, heads=None, dev_seed: int = DEV_SEED,
-                dev_fraction: float = 0.2, log: Callable[[str], None] = print) -> Corrections:
+def adapt_store(
+    cfg: AdaptConfig,
+    store: Store,
+    pairs: Pairs,
+    heads=None,
+    dev_seed: int = DEV_SEED,
+    dev_fraction: float = 0.2,
+    log: Callable[[str], None] = print,
+) -> Corrections:
     """Corrections on `store` in `heads`' space (None: the base vectors), chosen on a held-out slice of `pairs`.
 
     Rule `ndcg` then refits on every pair; `nudge-ft` keeps the corrections of the fitting slice, as published.
@@ -218,8 +282,12 @@ def adapt_store(cfg: AdaptConfig, store: Store, pairs: Pairs, heads=None, dev_se
     fit_pairs, dev_pairs = pairs.hold_out(dev_fraction, dev_seed)
     gamma, power, record = choose_on(cfg, store, heads, fit_pairs, dev_pairs)
     record.update(dev_seed=dev_seed, dev_fraction=dev_fraction, refit=cfg.refit)
-    log(f"{cfg.method}: γ {gamma:g}, power {power:g} chosen on {record['dev_queries']:,} held-out queries ({cfg.rule}); "
-        f"dev NDCG@10 {record['dev_ndcg@10']:.4f}")
+    log(
+        f"{cfg.method}: γ {gamma:g}, power {power:g} chosen on {record['dev_queries']:,} held-out queries ({cfg.rule}); "
+        f"dev NDCG@10 {record['dev_ndcg@10']:.4f}"
+    )
     corrections = corrections_on(cfg, store, heads, pairs if cfg.refit else fit_pairs, gamma, power, record)
-    log(f"{cfg.method}: {len(corrections.doc_ids):,} documents corrected from {corrections.labelled_queries:,} labelled queries")
+    log(
+        f"{cfg.method}: {len(corrections.doc_ids):,} documents corrected from {corrections.labelled_queries:,} labelled queries"
+    )
     return corrections

@@ -63,14 +63,23 @@ class Corrections:
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{folder}: unreadable corrections ({e}); run train-heads or adapt again") from None
         if len(meta.get("doc_ids", [])) != len(vectors):
-            raise UserError(f"{folder / FILE_JSON}: names {len(meta.get('doc_ids', []))} documents for {len(vectors)} vectors")
+            raise UserError(
+                f"{folder / FILE_JSON}: names {len(meta.get('doc_ids', []))} documents for {len(vectors)} vectors"
+            )
         return cls(vectors=vectors, **meta)
 
     def summary(self) -> dict:
         """What a training record says of them: method, settings, size (dev scores are in `record`)."""
-        return {"method": self.method, "gamma": self.gamma, "power": self.record.get("power", 0.0),
-                "documents": len(self.doc_ids), "values": int(self.vectors.size), "labelled_queries": self.labelled_queries,
-                "dev_ndcg@10": self.record.get("dev_ndcg@10"), "rule": self.record.get("rule")}
+        return {
+            "method": self.method,
+            "gamma": self.gamma,
+            "power": self.record.get("power", 0.0),
+            "documents": len(self.doc_ids),
+            "values": int(self.vectors.size),
+            "labelled_queries": self.labelled_queries,
+            "dev_ndcg@10": self.record.get("dev_ndcg@10"),
+            "rule": self.record.get("rule"),
+        }
 
     def rows_in(self, row_of: dict[str, int]) -> np.ndarray:
         missing = [d for d in self.doc_ids if d not in row_of]
@@ -86,8 +95,10 @@ def for_store(corrections: "Corrections | None", store, heads) -> tuple[np.ndarr
     if corrections is None or corrections.store_fingerprint != store.fingerprint:
         return None
     if corrections.heads_fingerprint != (heads.fingerprint if heads is not None else None):
-        raise UserError("the corrections beside these heads were made in the space of other heads; retrain them "
-                        "(train-heads --overwrite) or pass --corrections of these heads")
+        raise UserError(
+            "the corrections beside these heads were made in the space of other heads; retrain them "
+            "(train-heads --overwrite) or pass --corrections of these heads"
+        )
     if heads is not None and heads.similarity != "cos":
         raise UserError(f"corrections are unit vectors for cosine search; these heads score by {heads.similarity}")
     return corrections.rows_in(store.corpus.row_of), corrections.vectors

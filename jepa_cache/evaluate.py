@@ -213,22 +213,25 @@ def _evaluate_one(prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, simi
     return {
         "dataset": name,
         "split": cfg.split,
-        "store": {
-            "path": str(store.path), "source": store.provenance.get("source"), "imported": store.imported,
-            "fingerprint": store.fingerprint, "encoder": store.provenance["encoder"]["name"],
-            "encoder_fingerprint": store.encoder_fingerprint, "dtype": store.provenance["dtype"],
-            "docs": store.corpus.rows,
-        },
+        "store": _store_record(store),
         "metrics": mean,
         "corrections_applied": 0 if prep.corrections is None else len(prep.corrections[0]),
         "queries": {"judged": len(qrels), "searched": len(with_vector), "without_vector": len(no_vector)},
-        "qrels": {"pairs": sum(len(d) for d in qrels.values()), "absent_docs": len(absent), "absent_examples": [d for _, d in absent[:10]]},
+        "qrels": {"pairs": sum(len(d) for d in qrels.values()), "absent_docs": len(absent),
+                  "absent_examples": [d for _, d in absent[:10]]},
         "search": {"backend": hits.backend, "index": spec, "params": cfg.faiss_params, "k": cfg.k, "similarity": similarity,
                    "recall_vs_exact": recall, "blockwise": not in_memory},
         "timings": {"load_s": t_load, "index_and_search_s": hits.seconds, "search_s": hits.search_seconds, "exact_s": exact_s, "score_s": score_s,
                     "total_s": time.perf_counter() - t0, "queries_per_s": hits.queries_per_second},
         "files": files,
     }
+
+
+def _store_record(store: Store) -> dict:
+    """What results.json says of the store a dataset was scored on."""
+    return {"path": str(store.path), "source": store.provenance.get("source"), "imported": store.imported,
+            "fingerprint": store.fingerprint, "encoder": store.provenance["encoder"]["name"],
+            "encoder_fingerprint": store.encoder_fingerprint, "dtype": store.provenance["dtype"], "docs": store.corpus.rows}
 
 
 def _validate(cfg: EvalConfig, heads: Any) -> tuple[str, str]:

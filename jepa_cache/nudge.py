@@ -23,7 +23,9 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def query_sums(queries: np.ndarray, answers: Sequence[Sequence[int]], power: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def query_sums(
+    queries: np.ndarray, answers: Sequence[Sequence[int]], power: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """(rows, g): the corpus rows some query judged relevant (sorted) and, per row, the sum of those queries.
 
     Each query counts with weight |its answers|^-power (0: nudge-ft's plain sum; a query that judges
@@ -37,8 +39,12 @@ def query_sums(queries: np.ndarray, answers: Sequence[Sequence[int]], power: flo
     d_idx = np.fromiter((d for a in answers for d in a), dtype=np.int64, count=len(q_idx))
     rows, slot = np.unique(d_idx, return_inverse=True)
     weight = np.maximum(sizes, 1).astype(np.float64) ** -power
-    judged = torch.sparse_coo_tensor(torch.from_numpy(np.stack([slot.reshape(-1), q_idx])), torch.from_numpy(weight[q_idx]),
-                                     (len(rows), len(answers)), check_invariants=True)
+    judged = torch.sparse_coo_tensor(
+        torch.from_numpy(np.stack([slot.reshape(-1), q_idx])),
+        torch.from_numpy(weight[q_idx]),
+        (len(rows), len(answers)),
+        check_invariants=True,
+    )
     g = torch.sparse.mm(judged, torch.from_numpy(np.asarray(queries, dtype=np.float64)))
     return rows, g.numpy().astype(queries.dtype)
 
@@ -95,8 +101,15 @@ class Held:
     answer_scores: list[dict[int, float]]
 
     @classmethod
-    def build(cls, queries: np.ndarray, answers: Sequence[Sequence[int]], blocks: Iterable[np.ndarray],
-              labelled: np.ndarray, k: int = 2, tie: np.ndarray | None = None) -> "Held":
+    def build(
+        cls,
+        queries: np.ndarray,
+        answers: Sequence[Sequence[int]],
+        blocks: Iterable[np.ndarray],
+        labelled: np.ndarray,
+        k: int = 2,
+        tie: np.ndarray | None = None,
+    ) -> "Held":
         """One pass over the corpus `blocks` (row order): the k best unlabelled rows of every query.
 
         Equal scores keep the rows first in `tie` (e.g. search.tie_order: pytrec_eval's order); default row order.
@@ -119,15 +132,18 @@ class Held:
             s[:, own] = -np.inf
             both_s = np.concatenate([top_s, s], axis=1)
             both_r = np.concatenate([top_r, np.broadcast_to(np.arange(start, start + len(block)), s.shape)], axis=1)
-            key = np.where(both_r >= 0, tie[np.maximum(both_r, 0)] if tie is not None else both_r, np.iinfo(np.int64).max)
+            key = np.where(
+                both_r >= 0, tie[np.maximum(both_r, 0)] if tie is not None else both_r, np.iinfo(np.int64).max
+            )
             order = np.lexsort((key, -both_s), axis=1)[:, :k]
             top_s, top_r = np.take_along_axis(both_s, order, 1), np.take_along_axis(both_r, order, 1)
             start += len(block)
         return cls(queries, answers, top_s, top_r, answer_scores)
 
 
-def choose_gamma_n(held: Held, rows: np.ndarray, docs: np.ndarray, g: np.ndarray, gammas: Sequence[float] = NUDGE_N_GAMMAS,
-                   k: int = 1) -> float:
+def choose_gamma_n(
+    held: Held, rows: np.ndarray, docs: np.ndarray, g: np.ndarray, gammas: Sequence[float] = NUDGE_N_GAMMAS, k: int = 1
+) -> float:
     """nudge-ft's choice for NUDGE-N: the first γ with the best top-k accuracy of the held-out queries.
 
     Candidates are the labelled rows (which move with γ) and each query's k best unlabelled rows (which do not).
@@ -138,7 +154,7 @@ def choose_gamma_n(held: Held, rows: np.ndarray, docs: np.ndarray, g: np.ndarray
     truth = np.zeros((len(held.queries), len(rows) + k), dtype=bool)
     for i, answers in enumerate(held.answers):
         truth[i, [slot[a] for a in answers if a in slot]] = True
-        truth[i, len(rows):] = np.isin(held.top_rows[i, :k], answers)
+        truth[i, len(rows) :] = np.isin(held.top_rows[i, :k], answers)
     n_labels = np.array([len(set(a)) for a in held.answers], dtype=np.float64)
     best_gamma, best_acc = 0.0, -1.0
     qd, qg = held.queries @ docs.T, held.queries @ g.T
@@ -169,7 +185,9 @@ def choose_gamma_m(held: Held, rows: np.ndarray, docs: np.ndarray, g: np.ndarray
     lows, highs = [], []
     for i, answers in enumerate(held.answers):
         s_lab = held.queries[i].astype(np.float64) @ docs.T.astype(np.float64)
-        m_lab = -(held.queries[i].astype(np.float64) @ g_hat.T.astype(np.float64))  # nudge-ft's sign: its update is d - γ·(-ĝ)
+        m_lab = -(
+            held.queries[i].astype(np.float64) @ g_hat.T.astype(np.float64)
+        )  # nudge-ft's sign: its update is d - γ·(-ĝ)
         for a in answers:
             if a in slot:  # a labelled answer against every labelled row and the best unlabelled one
                 s = np.append(s_lab, held.top_scores[i, 0])
