@@ -111,15 +111,62 @@ def _resolve(path: Path, where: str, strategy: Strategy) -> None:
         raise UserError(f"{path}: {where} ({strategy.name}): {e}") from None
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Parse and validate a recipe; every error names the file and the key."""
-    path = Path(path)
+def _read_toml(path: Path) -> dict:
+    """The recipe file's TOML, refused in one line when missing or malformed."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: recipe not found (see pipelines/ for examples)") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
+
+
+def _strategy(path: Path, i: int, s) -> Strategy:
+    """One [[strategies]] table, checked key by key."""
+    where = f"strategies[{i}]"
+    _expect(path, where, s, dict, "a table")
+    _known_keys(path, where, s, {"name", "kind", "preset", "seeds", "options", "query_tower", "similarity"})
+    kind = s.get("kind", s.get("name"))
+    if kind not in KINDS:
+        raise UserError(f"{path}: {where}.kind = {kind!r} is not a strategy; choose one of {', '.join(KINDS)}")
+    options = _expect(path, f"{where}.options", s.get("options", {}), dict, "TrainConfig overrides")
+    if bad := set(options) - _TRAIN_FIELDS - (_LIVE_FIELDS if kind in LIVE_KINDS else set()):
+        raise UserError(f"{path}: {where}.options: unknown setting(s) {', '.join(sorted(bad))}")
+    for key, value in options.items():
+        _option_type(path, f"{where}.options.{key}", value, _FIELD_TYPES[key])
+    for key, allowed in (("query_tower", ("projection", "predictor", "vanilla")), ("similarity", ("cos", "l2"))):
+        if s.get(key) is not None and s[key] not in allowed:
+            raise UserError(f"{path}: {where}.{key} = {s[key]!r}; choose one of {', '.join(allowed)}")
+    seeds = _expect(path, f"{where}.seeds", s.get("seeds", [0]), list, "a list of integers")
+    if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise UserError(f"{path}: {where}.seeds must be a non-empty list of integers")
+    preset = s.get("preset", LIVE_PRESET if kind == "full" else DEFAULT_PRESET)
+    return Strategy(
+        name=_expect(path, f"{where}.name", s.get("name", kind), str, "a label"), kind=kind,
+        preset=_expect(path, f"{where}.preset", preset, str, "a preset name"),
+        seeds=seeds, options=options, query_tower=s.get("query_tower"), similarity=s.get("similarity"),
+    )
+
+
+def _strategies(path: Path, raw: dict) -> list[Strategy]:
+    """Every [[strategies]] table, with unique names usable as folder names, each resolved."""
+    tables = _expect(path, "[[strategies]]", raw.get("strategies"), list, "an array of tables")
+    strategies = [_strategy(path, i, s) for i, s in enumerate(tables)]
+    if not strategies:
+        raise UserError(f"{path}: no [[strategies]]")
+    names = [s.name for s in strategies]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: strategy names must be unique, got {names}")
+    for i, strategy in enumerate(strategies):
+        _name(path, f"strategies[{i}].name", strategy.name, "strategy")  # it names folders under runs/<name>/
+        _resolve(path, f"strategies[{i}]", strategy)
+    return strategies
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Parse and validate a recipe; every error names the file and the key."""
+    path = Path(path)
+    raw = _read_toml(path)
     known = {"name", "model", "vectors", "data_dir", "train", "eval", "strategies"}
     if unknown := set(raw) - known:
         raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -138,42 +185,12 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     vectors = raw.get("vectors", "reference")
     if vectors not in VECTORS:
         raise UserError(f"{path}: vectors = {vectors!r}; choose {' or '.join(VECTORS)}")
-    strategies = []
-    for i, s in enumerate(_expect(path, "[[strategies]]", raw.get("strategies"), list, "an array of tables")):
-        where = f"strategies[{i}]"
-        _expect(path, where, s, dict, "a table")
-        _known_keys(path, where, s, {"name", "kind", "preset", "seeds", "options", "query_tower", "similarity"})
-        kind = s.get("kind", s.get("name"))
-        if kind not in KINDS:
-            raise UserError(f"{path}: {where}.kind = {kind!r} is not a strategy; choose one of {', '.join(KINDS)}")
-        options = _expect(path, f"{where}.options", s.get("options", {}), dict, "TrainConfig overrides")
-        if bad := set(options) - _TRAIN_FIELDS - (_LIVE_FIELDS if kind in LIVE_KINDS else set()):
-            raise UserError(f"{path}: {where}.options: unknown setting(s) {', '.join(sorted(bad))}")
-        for key, value in options.items():
-            _option_type(path, f"{where}.options.{key}", value, _FIELD_TYPES[key])
-        for key, allowed in (("query_tower", ("projection", "predictor", "vanilla")), ("similarity", ("cos", "l2"))):
-            if s.get(key) is not None and s[key] not in allowed:
-                raise UserError(f"{path}: {where}.{key} = {s[key]!r}; choose one of {', '.join(allowed)}")
-        seeds = _expect(path, f"{where}.seeds", s.get("seeds", [0]), list, "a list of integers")
-        if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
-            raise UserError(f"{path}: {where}.seeds must be a non-empty list of integers")
-        strategies.append(Strategy(
-            name=_expect(path, f"{where}.name", s.get("name", kind), str, "a label"), kind=kind,
-            preset=_expect(path, f"{where}.preset", s.get("preset", LIVE_PRESET if kind == "full" else DEFAULT_PRESET), str, "a preset name"),
-            seeds=seeds, options=options, query_tower=s.get("query_tower"), similarity=s.get("similarity"),
-        ))
-    if not strategies:
-        raise UserError(f"{path}: no [[strategies]]")
-    names = [s.name for s in strategies]
-    if len(set(names)) != len(names):
-        raise UserError(f"{path}: strategy names must be unique, got {names}")
-    for i, strategy in enumerate(strategies):
-        _name(path, f"strategies[{i}].name", strategy.name, "strategy")  # it names folders under runs/<name>/
-        _resolve(path, f"strategies[{i}]", strategy)
+    strategies = _strategies(path, raw)
+    train_dataset = _expect(path, "train.dataset", train.get("dataset"), str, "a dataset name")
     recipe = Recipe(
         name=_name(path, "name", _expect(path, "name", raw.get("name", path.stem), str, "the run's name"), "recipe"),
         model=_expect(path, "model", raw.get("model", DEFAULT_MODEL), str, "a hub id or folder"),
-        train_dataset=_name(path, "train.dataset", _expect(path, "train.dataset", train.get("dataset"), str, "a dataset name"), "dataset"),
+        train_dataset=_name(path, "train.dataset", train_dataset, "dataset"),
         train_split=_expect(path, "train.split", train.get("split", "train"), str, "a qrels split"),
         eval_datasets=datasets, eval_split=_expect(path, "eval.split", ev.get("split", "test"), str, "a qrels split"),
         strategies=strategies, vectors=vectors, data_dir=raw.get("data_dir"),
