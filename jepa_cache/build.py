@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 from .config import BuildConfig
-from .datasets import CORPUS_TEMPLATE, QUERY_TEMPLATE, BeirDataset, corpus_text, find_dataset, iter_records, query_text, read_ids
+from .datasets import (
+    CORPUS_TEMPLATE, QUERY_TEMPLATE, BeirDataset, corpus_text, find_dataset, iter_records, query_text, read_ids,
+)
 from .errors import UserError
 from .distributed import barrier, broadcast, gather_to_main, main_lock, on_main, rank_device, world
 from .files import atomic_write_json, check_writable
@@ -31,7 +33,9 @@ def check_options(cfg: BuildConfig) -> None:
     if cfg.dtype not in DTYPES:
         raise UserError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
     if cfg.shard_rows <= 0 or cfg.chunk_rows <= 0 or cfg.shard_rows % cfg.chunk_rows:
-        raise UserError(f"--shard-rows {cfg.shard_rows} must be a positive multiple of --chunk-rows {cfg.chunk_rows}")
+        raise UserError(
+            f"--shard-rows {cfg.shard_rows} must be a positive multiple of --chunk-rows {cfg.chunk_rows}"
+        )
 
 
 def _paths(dataset: BeirDataset) -> dict[str, Path]:
@@ -56,14 +60,17 @@ def _existing(out: Path, wanted: dict) -> Store | None:
     }
     differ = [k for k in wanted if wanted[k] != found[k]]
     if differ:
-        raise UserError(f"{out}: holds a store made differently ({', '.join(differ)} differ); choose another --out, or pass --overwrite to replace it")
+        raise UserError(f"{out}: holds a store made differently ({', '.join(differ)} differ); "
+                        "choose another --out, or pass --overwrite to replace it")
     return existing
 
 
 def _complete_summary(out: Path, wanted: dict) -> str | None:
     """"N docs, M queries" when `out` already holds this build, finished; None when there is work to do."""
     existing = _existing(out, wanted)
-    return f"{existing.corpus.rows} docs, {existing.queries.rows} queries" if existing and existing.complete else None
+    if existing and existing.complete:
+        return f"{existing.corpus.rows} docs, {existing.queries.rows} queries"
+    return None
 
 
 def prompts_of(cfg: BuildConfig, folder: Path) -> dict[str, str]:
@@ -84,11 +91,96 @@ def _prepare_store(out: Path, provenance: dict, ids: dict, cfg: BuildConfig) -> 
     if not writer.provenance.get("complete") and began is not None:
         now = provenance["runtime"]
         if (began["backend"], began["precision"]) != (now["backend"], now["precision"]):
-            raise UserError(f"{out}: this build began with --backend {began['backend']} ({began['precision']}); resume it with "
-                            f"the same, or pass --overwrite to start again with {now['backend']} ({now['precision']})")
+            raise UserError(f"{out}: this build began with --backend {began['backend']} ({began['precision']}); "
+                            f"resume it with the same, or pass --overwrite to start again with "
+                            f"{now['backend']} ({now['precision']})")
     if not writer.provenance.get("complete"):
         writer.remove_partial_files()
         atomic_write_json(out / "build_config.json", cfg)
+
+
+def _already_built(cfg: BuildConfig, w, out: Path, sha: str, prompts: dict, files: dict, layout: dict) -> str | None:
+    """Rank 0's summary of `out` when it already holds this build, finished, shared with every rank."""
+    wanted = {"source": "built", "weights_sha256": sha, "prompts": prompts if any(prompts.values()) else None,
+              "dataset files": files, "dtype": cfg.dtype, "layout": layout}
+    # rank 0 looks and every rank follows, so that no rank returns while the others wait
+    return on_main(w, lambda: _complete_summary(out, wanted))
+
+
+def _load_model(cfg: BuildConfig, w, folder: Path, sha: str, log: Callable[[str], None]):
+    """The encoder on this rank's device, with its backend and runtime (rank 0 converts once, cached)."""
+    from .backends import cached_conversion, load_runtime, resolve_backend
+    from .encoder import load_encoder, pick_device
+
+    device = pick_device(rank_device(cfg.device, w))
+    resolve_backend(cfg.backend, device)  # a bad or missing runtime is refused before the model loads
+    model = load_encoder(folder, device)
+    backend = resolve_backend(cfg.backend, device, model)
+    if backend != "torch":
+        # rank 0 converts (once; cached)
+        on_main(w, lambda: cached_conversion(model, folder, backend, sha, log) and None)
+    runtime = load_runtime(model, folder, backend, sha, log)
+    return device, model, backend, runtime
+
+
+def _provenance(cfg: BuildConfig, dataset: BeirDataset, folder: Path, sha: str, prompts: dict, files: dict,
+                layout: dict, model, backend: str, device) -> dict:
+    """The store's provenance: encoder, runtime, dataset files, templates, dim, dtype and layout."""
+    from .backends import runtime_info
+    from .encoder import embedding_dim, encoder_info
+
+    name = str(cfg.model) if Path(cfg.model).exists() else canonical_name(cfg.model)
+    return {
+        "source": "built",
+        "encoder": encoder_info(model, folder, name, sha, prompts),
+        "runtime": runtime_info(backend, device),
+        "dataset": {"name": dataset.name, "path": str(dataset.root.resolve()), "files": files},
+        "template": {"corpus": CORPUS_TEMPLATE, "queries": QUERY_TEMPLATE},
+        "dim": embedding_dim(model),
+        "dtype": cfg.dtype,
+        "layout": layout,
+    }
+
+
+def _deal_shards(writer: StoreWriter, w, out: Path, device, log: Callable[[str], None]) -> tuple[set, int, int]:
+    """This rank's missing shards (dealt round-robin), all rows to encode, and this rank's rows."""
+    # rank 0's view of what is missing, so that no rank sees another's fresh markers
+    todo = broadcast(w, {s: writer.missing_shards(s) for s in SECTIONS})
+    dealt = [(s, index) for s in SECTIONS for index, _, _ in todo[s]]
+    mine = set(dealt[w.rank :: w.size])
+    rows_todo = sum(stop - start for s in SECTIONS for _, start, stop in todo[s])
+    rows_mine = sum(stop - start for s in SECTIONS for index, start, stop in todo[s] if (s, index) in mine)
+    resumed = sum(len(writer.shard_ranges(s)) - len(todo[s]) for s in SECTIONS)
+    if resumed:
+        log(f"{out}: resuming; {resumed} shard(s) already done, {rows_todo} rows to encode")
+    if w.distributed:
+        log(f"{w.size} ranks: {len(dealt)} shards dealt round-robin; rank 0 encodes {rows_mine} rows on {device}")
+    return mine, rows_todo, rows_mine
+
+
+def _encode_shards(writer: StoreWriter, w, mine: set, rows_mine: int, paths: dict[str, Path], name: str,
+                   model, runtime, prompts: dict[str, str], batch_size: int) -> dict[tuple[str, int], str]:
+    """Stream each section's texts and encode and write this rank's shards; their checksums by shard."""
+    from tqdm.auto import tqdm
+
+    from .encoder import encode
+
+    written: dict[tuple[str, int], str] = {}
+    with tqdm(total=rows_mine, unit="rows", desc=f"build {name}", dynamic_ncols=True, disable=not w.main) as bar:
+        for section in SECTIONS:
+            if not any(s == section for s, _ in mine):
+                continue
+            texts = (text for _, _, text in iter_records(paths[section], TEXT_OF[section]))
+            for index, start, stop in writer.shard_ranges(section):
+                window = list(islice(texts, stop - start))
+                if len(window) != stop - start:
+                    raise UserError(f"{paths[section]}: changed while the build was reading it; run the build again")
+                if (section, index) in mine:
+                    bar.set_postfix_str(f"{section} shard {index}", refresh=False)
+                    vectors = encode(model, window, batch_size, on_batch=bar.update,
+                                     prompt=prompts[PROMPT_OF[section]], runtime=runtime)
+                    written[(section, index)] = writer.write_shard(section, index, vectors)
+    return written
 
 
 def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
@@ -113,73 +205,22 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
     layout = {"shard_rows": cfg.shard_rows, "chunk_rows": cfg.chunk_rows}
     prompts = prompts_of(cfg, folder)
 
-    if not cfg.overwrite:
-        wanted = {"source": "built", "weights_sha256": sha, "prompts": prompts if any(prompts.values()) else None,
-                  "dataset files": files, "dtype": cfg.dtype, "layout": layout}
-        # rank 0 looks and every rank follows, so that no rank returns while the others wait
-        if done := on_main(w, lambda: _complete_summary(out, wanted)):
-            log(f"{out}: already complete ({done}); nothing to do")
-            return open_store(out)
+    if not cfg.overwrite and (done := _already_built(cfg, w, out, sha, prompts, files, layout)):
+        log(f"{out}: already complete ({done}); nothing to do")
+        return open_store(out)
 
-    from .backends import cached_conversion, load_runtime, resolve_backend, runtime_info
-    from .encoder import embedding_dim, encoder_info, load_encoder, pick_device
-
-    device = pick_device(rank_device(cfg.device, w))
-    resolve_backend(cfg.backend, device)  # a bad or missing runtime is refused before the model loads
-    model = load_encoder(folder, device)
-    backend = resolve_backend(cfg.backend, device, model)
-    if backend != "torch":
-        on_main(w, lambda: cached_conversion(model, folder, backend, sha, log) and None)  # rank 0 converts (once; cached)
-    runtime = load_runtime(model, folder, backend, sha, log)
-    name = str(cfg.model) if Path(cfg.model).exists() else canonical_name(cfg.model)
-    provenance = {
-        "source": "built",
-        "encoder": encoder_info(model, folder, name, sha, prompts),
-        "runtime": runtime_info(backend, device),
-        "dataset": {"name": dataset.name, "path": str(dataset.root.resolve()), "files": files},
-        "template": {"corpus": CORPUS_TEMPLATE, "queries": QUERY_TEMPLATE},
-        "dim": embedding_dim(model),
-        "dtype": cfg.dtype,
-        "layout": layout,
-    }
+    device, model, backend, runtime = _load_model(cfg, w, folder, sha, log)
+    provenance = _provenance(cfg, dataset, folder, sha, prompts, files, layout, model, backend, device)
     with main_lock(out, "build", w):
         on_main(w, lambda: _prepare_store(out, provenance, ids, cfg))  # rank 0: the one writer of the store's metadata
         writer = StoreWriter(out)
         if writer.provenance.get("complete"):  # another build finished it while we loaded the model
             log(f"{out}: already complete; nothing to do")
             return open_store(out)
-        # rank 0's view of what is missing, so that no rank sees another's fresh markers
-        todo = broadcast(w, {s: writer.missing_shards(s) for s in SECTIONS})
-        dealt = [(s, index) for s in SECTIONS for index, _, _ in todo[s]]
-        mine = set(dealt[w.rank :: w.size])
-        rows_todo = sum(stop - start for s in SECTIONS for _, start, stop in todo[s])
-        rows_mine = sum(stop - start for s in SECTIONS for index, start, stop in todo[s] if (s, index) in mine)
-        resumed = sum(len(writer.shard_ranges(s)) - len(todo[s]) for s in SECTIONS)
-        if resumed:
-            log(f"{out}: resuming; {resumed} shard(s) already done, {rows_todo} rows to encode")
-        if w.distributed:
-            log(f"{w.size} ranks: {len(dealt)} shards dealt round-robin; rank 0 encodes {rows_mine} rows on {device}")
-
-        from tqdm.auto import tqdm
-
-        from .encoder import encode
-
+        mine, rows_todo, rows_mine = _deal_shards(writer, w, out, device, log)
         t0 = time.perf_counter()
-        written: dict[tuple[str, int], str] = {}
-        with tqdm(total=rows_mine, unit="rows", desc=f"build {dataset.name}", dynamic_ncols=True, disable=not w.main) as bar:
-            for section in SECTIONS:
-                if not any(s == section for s, _ in mine):
-                    continue
-                texts = (text for _, _, text in iter_records(paths[section], TEXT_OF[section]))
-                for index, start, stop in writer.shard_ranges(section):
-                    window = list(islice(texts, stop - start))
-                    if len(window) != stop - start:
-                        raise UserError(f"{paths[section]}: changed while the build was reading it; run the build again")
-                    if (section, index) in mine:
-                        bar.set_postfix_str(f"{section} shard {index}", refresh=False)
-                        vectors = encode(model, window, cfg.batch_size, on_batch=bar.update,
-                                         prompt=prompts[PROMPT_OF[section]], runtime=runtime)
-                        written[(section, index)] = writer.write_shard(section, index, vectors)
+        written = _encode_shards(writer, w, mine, rows_mine, paths, dataset.name,
+                                 model, runtime, prompts, cfg.batch_size)
         # every rank's shards are written; their checksums travel to rank 0 rather than through the
         # filesystem, whose view of other nodes' fresh files may lag (NFS attribute caches)
         written = gather_to_main(w, written)
@@ -189,8 +230,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
         store = open_store(out, require_complete=w.main)
         seconds = time.perf_counter() - t0
         rate = rows_todo / seconds if seconds > 0 else float("nan")
-        log(
-            f"{out}: {store.corpus.rows} docs + {store.queries.rows} queries; encoded {rows_todo} rows "
-            f"in {seconds:.1f} s ({rate:.1f} rows/s) on {device} with {backend}{f' x {w.size} ranks' if w.distributed else ''}"
-        )
+        ranks = f" x {w.size} ranks" if w.distributed else ""
+        log(f"{out}: {store.corpus.rows} docs + {store.queries.rows} queries; encoded {rows_todo} rows "
+            f"in {seconds:.1f} s ({rate:.1f} rows/s) on {device} with {backend}{ranks}")
         return store

@@ -16,15 +16,18 @@ from .presets import by_preset as _by_preset
 
 app = typer.Typer(
     name="jepa-cache",
-    help="Encode a BEIR corpus once, train JEPA/SIGReg retrieval heads on the cached vectors, score them as BEIR/MTEB do.",
+    help="Encode a BEIR corpus once, train JEPA/SIGReg retrieval heads on the cached vectors, score them as "
+         "BEIR/MTEB do.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 _state = {"debug": False}
 
-ModelOpt = typer.Option(DEFAULT_MODEL, "--model", help="Hub id (resolved to data/models/ without network) or a local sentence-transformers folder.")
-DataDirOpt = typer.Option(None, "--data-dir", help="Folder holding BEIR datasets (default: $JEPA_CACHE_DATA, then data/beir/).")
+ModelOpt = typer.Option(DEFAULT_MODEL, "--model", help="Hub id (resolved to data/models/ without network) or a local "
+                                                       "sentence-transformers folder.")
+DataDirOpt = typer.Option(None, "--data-dir", help="Folder holding BEIR datasets (default: $JEPA_CACHE_DATA, then "
+                                                   "data/beir/).")
 
 
 @app.callback()
@@ -45,11 +48,17 @@ def fetch_model_cmd(
 
 @app.command("prepare-data")
 def prepare_data_cmd(
-    out: Path = typer.Option(..., "--out", help="Dataset folder to write (BEIR layout); pass it to build / train-heads / eval as --dataset."),
-    corpus: Optional[Path] = typer.Option(None, "--corpus", help="Documents: JSONL, CSV/TSV or Parquet with _id or id (else hashed from the text), optional title, text."),
-    queries: Optional[Path] = typer.Option(None, "--queries", help="Queries: the same formats, with _id or id and text."),
-    qrels: list[str] = typer.Option([], "--qrels", help="BEIR qrels TSV (query-id, corpus-id, score) as SPLIT=FILE, or FILE for split train; repeatable."),
-    pairs: list[str] = typer.Option([], "--pairs", help="Text pairs as SPLIT=FILE (or FILE: train): anchor or query, positive, optional negative / negative_1...; repeatable."),
+    out: Path = typer.Option(..., "--out", help="Dataset folder to write (BEIR layout); pass it to build / "
+                                                "train-heads / eval as --dataset."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="Documents: JSONL, CSV/TSV or Parquet with _id or "
+                                                                 "id (else hashed from the text), optional title, "
+                                                                 "text."),
+    queries: Optional[Path] = typer.Option(None, "--queries", help="Queries: the same formats, with _id or id and "
+                                                                   "text."),
+    qrels: list[str] = typer.Option([], "--qrels", help="BEIR qrels TSV (query-id, corpus-id, score) as SPLIT=FILE, "
+                                                        "or FILE for split train; repeatable."),
+    pairs: list[str] = typer.Option([], "--pairs", help="Text pairs as SPLIT=FILE (or FILE: train): anchor or query, "
+                                                        "positive, optional negative / negative_1...; repeatable."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
 ) -> None:
     """Turn your own corpus, queries and labels (JSONL / CSV / Parquet) into a BEIR dataset folder.
@@ -72,11 +81,14 @@ def build(
     dtype: str = typer.Option("float16", "--dtype", help="Stored precision: float16 (half the disk) or float32."),
     batch_size: int = typer.Option(32, "--batch-size", help="Texts per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
-    backend: str = typer.Option("auto", "--backend", help="Encoder runtime: torch, openvino or onnx (CPU; converted once, cached beside "
+    backend: str = typer.Option("auto", "--backend", help="Encoder runtime: torch, openvino or onnx (CPU; converted "
+                                                          "once, cached beside "
                                 "the model), auto (OpenVINO on CPU when installed, else PyTorch)."),
-    query_prompt: Optional[str] = typer.Option(None, "--query-prompt", help="Text put before each query (default: the model's query "
+    query_prompt: Optional[str] = typer.Option(None, "--query-prompt", help="Text put before each query (default: "
+                                                                            "the model's query "
                                                "prompt, as encode_query; \"\" for none)."),
-    document_prompt: Optional[str] = typer.Option(None, "--document-prompt", help="Text put before each document (default: the model's "
+    document_prompt: Optional[str] = typer.Option(None, "--document-prompt", help="Text put before each document "
+                                                                                  "(default: the model's "
                                                   "document prompt, as encode_document; \"\" for none)."),
     shard_rows: int = typer.Option(1024, "--shard-rows", help="Rows per shard: the unit of writing and of resume."),
     chunk_rows: int = typer.Option(128, "--chunk-rows", help="Rows per chunk: the unit of reading."),
@@ -89,14 +101,17 @@ def build(
     from .build import build as run_build
     from .config import BuildConfig
 
-    run_build(BuildConfig(dataset=dataset, model=model, out=str(out) if out else None, data_dir=str(data_dir) if data_dir else None,
-                          dtype=dtype, batch_size=batch_size, device=device, backend=backend, query_prompt=query_prompt,
-                          document_prompt=document_prompt, shard_rows=shard_rows, chunk_rows=chunk_rows, overwrite=overwrite),
+    run_build(BuildConfig(dataset=dataset, model=model, out=str(out) if out else None,
+                          data_dir=str(data_dir) if data_dir else None, dtype=dtype, batch_size=batch_size,
+                          device=device, backend=backend, query_prompt=query_prompt,
+                          document_prompt=document_prompt, shard_rows=shard_rows, chunk_rows=chunk_rows,
+                          overwrite=overwrite),
               log=typer.echo)
 
 
 @app.command()
-def verify(store: str = typer.Argument(..., help="Store folder to check (local: verify reads its shard markers).")) -> None:
+def verify(store: str = typer.Argument(..., help="Store folder to check (local: verify reads its shard "
+                                                 "markers).")) -> None:
     """Check a store: provenance, shapes, finished shards, NaN/inf and per-shard checksums."""
     from .store_writer import verify_store
 
@@ -110,19 +125,27 @@ def verify(store: str = typer.Argument(..., help="Store folder to check (local: 
 
 @app.command("import")
 def import_cmd(
-    dataset: str = typer.Option(..., "--dataset", help="BEIR dataset the vectors belong to (ids are checked against it)."),
-    corpus: Path = typer.Option(..., "--corpus", help="Document vectors: .npy (float32/float16) or .parquet (id + list column)."),
+    dataset: str = typer.Option(..., "--dataset", help="BEIR dataset the vectors belong to (ids are checked against "
+                                                       "it)."),
+    corpus: Path = typer.Option(..., "--corpus", help="Document vectors: .npy (float32/float16) or .parquet (id + "
+                                                      "list column)."),
     queries: Path = typer.Option(..., "--queries", help="Query vectors: .npy or .parquet."),
-    corpus_ids: Optional[Path] = typer.Option(None, "--corpus-ids", help="Document ids, one per line, in row order (default: the Parquet id column)."),
-    query_ids: Optional[Path] = typer.Option(None, "--query-ids", help="Query ids, one per line, in row order (default: the Parquet id column)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="The encoder that made the vectors; its weights are fingerprinted when found locally."),
+    corpus_ids: Optional[Path] = typer.Option(None, "--corpus-ids", help="Document ids, one per line, in row order "
+                                                                         "(default: the Parquet id column)."),
+    query_ids: Optional[Path] = typer.Option(None, "--query-ids", help="Query ids, one per line, in row order "
+                                                                       "(default: the Parquet id column)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="The encoder that made the vectors; its weights are "
+                                                             "fingerprinted when found locally."),
     out: Optional[Path] = typer.Option(None, "--out", help="Store folder (default data/cache/<dataset>/<model>)."),
     data_dir: Optional[Path] = DataDirOpt,
     dtype: str = typer.Option("float16", "--dtype", help="Stored precision: float16 or float32."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet id column (default: id, else _id)."),
-    vector_column: Optional[str] = typer.Option(None, "--vector-column", help="Parquet vector column (default: the one list column)."),
-    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise rows that are not unit length (warned); "
-                                   "--no-normalize stores them as given (an error if the declared encoder normalises)."),
+    vector_column: Optional[str] = typer.Option(None, "--vector-column", help="Parquet vector column (default: the "
+                                                                              "one list column)."),
+    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise rows that are not unit "
+                                                                            "length (warned); "
+                                   "--no-normalize stores them as given (an error if the declared encoder "
+                                   "normalises)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store at --out made from other vectors."),
 ) -> None:
     """Turn precomputed vectors into a store that train-heads and eval use like a built one (marked imported)."""
@@ -130,30 +153,46 @@ def import_cmd(
     from .importer import import_vectors
 
     import_vectors(ImportConfig(dataset=dataset, corpus=str(corpus), queries=str(queries),
-                                corpus_ids=str(corpus_ids) if corpus_ids else None, query_ids=str(query_ids) if query_ids else None,
-                                model=model, out=str(out) if out else None, data_dir=str(data_dir) if data_dir else None,
+                                corpus_ids=str(corpus_ids) if corpus_ids else None,
+                                query_ids=str(query_ids) if query_ids else None,
+                                model=model, out=str(out) if out else None,
+                                data_dir=str(data_dir) if data_dir else None,
                                 dtype=dtype, id_column=id_column, vector_column=vector_column, normalize=normalize,
                                 overwrite=overwrite), log=typer.echo)
 
 
 @app.command("eval")
 def eval_cmd(
-    dataset: list[str] = typer.Option(..., "--dataset", help="Dataset(s) to score; repeat or comma-separate for one table."),
+    dataset: list[str] = typer.Option(..., "--dataset", help="Dataset(s) to score; repeat or comma-separate for one "
+                                                             "table."),
     split: str = typer.Option("test", "--split", help="qrels split to score."),
-    store: Optional[str] = typer.Option(None, "--store", help="Store folder or fsspec URL, e.g. s3://bucket/store (one dataset only; default data/cache/<dataset>/<model>)."),
+    store: Optional[str] = typer.Option(None, "--store", help="Store folder or fsspec URL, e.g. s3://bucket/store "
+                                                              "(one dataset only; default "
+                                                              "data/cache/<dataset>/<model>)."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", help="Encoder whose default store to use."),
     data_dir: Optional[Path] = DataDirOpt,
-    heads: Optional[Path] = typer.Option(None, "--heads", help="Trained heads; without them the base vectors are scored (vanilla)."),
-    corrections: Optional[Path] = typer.Option(None, "--corrections", help="Per-document corrections folder (default: the heads' folder when it holds some); applied only to the store they were made for."),
-    query_tower: Optional[str] = typer.Option(None, "--query-tower", help="vanilla | projection | predictor (default: vanilla, or the heads' own tower with --heads)."),
+    heads: Optional[Path] = typer.Option(None, "--heads", help="Trained heads; without them the base vectors are "
+                                                               "scored (vanilla)."),
+    corrections: Optional[Path] = typer.Option(None, "--corrections", help="Per-document corrections folder "
+                                                                           "(default: the heads' folder when it "
+                                                                           "holds some); applied only to the store "
+                                                                           "they were made for."),
+    query_tower: Optional[str] = typer.Option(None, "--query-tower", help="vanilla | projection | predictor "
+                                                                          "(default: vanilla, or the heads' own "
+                                                                          "tower with --heads)."),
     similarity: Optional[str] = typer.Option(None, "--similarity", help="cos | l2 (default: cos, or the heads' own)."),
     index: str = typer.Option("faiss", "--index", help="faiss, or torch (exact matmul, a cross-check)."),
-    faiss_index: str = typer.Option("Flat", "--faiss-index", help="FAISS factory string: Flat (exact), HNSW32, IVF1024,Flat, ..."),
-    faiss_params: Optional[str] = typer.Option(None, "--faiss-params", help="Search parameters of an approximate index, e.g. nprobe=32."),
+    faiss_index: str = typer.Option("Flat", "--faiss-index", help="FAISS factory string: Flat (exact), HNSW32, "
+                                                                  "IVF1024,Flat, ..."),
+    faiss_params: Optional[str] = typer.Option(None, "--faiss-params", help="Search parameters of an approximate "
+                                                                            "index, e.g. nprobe=32."),
     k: int = typer.Option(100, "--k", help="Hits per query (Recall@min(k,100))."),
-    strict: bool = typer.Option(False, "--strict", help="Fail when qrels name absent documents or judged queries lack a vector."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/eval/<datasets>-<split>-<variant>-...)."),
-    block_rows: Optional[int] = typer.Option(None, "--block-rows", help="Corpus rows searched at a time (default: what fits in 2 GiB)."),
+    strict: bool = typer.Option(False, "--strict", help="Fail when qrels name absent documents or judged queries "
+                                                        "lack a vector."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default "
+                                                           "runs/eval/<datasets>-<split>-<variant>-...)."),
+    block_rows: Optional[int] = typer.Option(None, "--block-rows", help="Corpus rows searched at a time (default: "
+                                                                        "what fits in 2 GiB)."),
     device: str = typer.Option("auto", "--device", help="Device for --index torch: auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Retrieve through FAISS (or torch) and score NDCG@10, Recall@100 and MRR@10 as BEIR/MTEB do."""
@@ -172,7 +211,9 @@ def eval_cmd(
     typer.echo(f"results: {results['out']}/results.json")
 
 
-HEADS, LOSS, OPTIM, DATA, SELECT, RUN = "Heads", "Loss", "Optimisation", "What a step sees", "Selection on dev", "Input and output"
+HEADS, LOSS, OPTIM, DATA, SELECT, RUN = (
+    "Heads", "Loss", "Optimisation", "What a step sees", "Selection on dev", "Input and output"
+)
 
 
 def _opt(flag: str, text: str, panel: str, default=None, field: str | None = None):
@@ -190,7 +231,8 @@ def _config_values(values: dict) -> dict:
 def train_heads_cmd(
     store: str = typer.Option(..., "--store", rich_help_panel=RUN, help="Store folder (from build or import) holding "
                               "the dataset's vectors, or an fsspec URL to read it from (s3://, gs://, https://, ...)."),
-    out: Optional[Path] = _opt("--out", "Heads folder (default runs/heads/<dataset>/<preset>-<strategy>-s<seed>).", RUN),
+    out: Optional[Path] = _opt("--out", "Heads folder (default "
+                                        "runs/heads/<dataset>/<preset>-<strategy>-s<seed>).", RUN),
     dataset: Optional[str] = _opt("--dataset", "Dataset for the qrels (name or folder; default: the store's).", RUN),
     data_dir: Optional[Path] = _opt("--data-dir", "Folder holding BEIR datasets (default: $JEPA_CACHE_DATA, then "
                                     "data/beir/).", RUN),
@@ -221,7 +263,8 @@ def train_heads_cmd(
                                      field="similarity"),
     query_tower: Optional[str] = _opt("--query-tower", "Tower that encodes queries at retrieval: projection | "
                                       "predictor.", HEADS, field="query_tower"),
-    rank: Optional[int] = _opt("--rank", "--projection adapter: rank of its W, 0 for a full matrix.", HEADS, field="rank"),
+    rank: Optional[int] = _opt("--rank", "--projection adapter: rank of its W, 0 for a full matrix.", HEADS,
+                               field="rank"),
     contrastive: Optional[str] = _opt("--contrastive", "infonce | triplet.", LOSS, field="contrastive"),
     isotropy: Optional[str] = _opt("--isotropy", "sigreg | covariance.", LOSS, field="isotropy"),
     predictive: Optional[str] = _opt("--predictive", "Predictive distance: cosine | mse.", LOSS, field="predictive"),
@@ -239,7 +282,8 @@ def train_heads_cmd(
     directions: Optional[int] = _opt("--directions", "SIGReg random directions per step.", LOSS, field="directions"),
     epochs: Optional[int] = _opt("--epochs", "Epochs: passes over the pairs or the queries (--sampling); with --select "
                                  "dev, the most tried.", OPTIM, field="epochs"),
-    batch_size: Optional[int] = _opt("--batch-size", "Pairs per step, the in-batch negatives.", OPTIM, field="batch_size"),
+    batch_size: Optional[int] = _opt("--batch-size", "Pairs per step, the in-batch negatives.", OPTIM,
+                                     field="batch_size"),
     lr: Optional[float] = _opt("--lr", "AdamW learning rate of the heads.", OPTIM, field="lr"),
     weight_decay: Optional[float] = _opt("--weight-decay", "AdamW weight decay.", OPTIM, field="weight_decay"),
     warmup: Optional[float] = _opt("--warmup", "Fraction of steps of linear warm-up before the --schedule.", OPTIM,
@@ -261,8 +305,8 @@ def train_heads_cmd(
                                  "= the initial heads).", SELECT, field="select"),
     refit: Optional[bool] = _opt("--refit/--no-refit", "After --select dev, retrain on all training queries for the "
                                  "chosen epochs.", SELECT, field="refit"),
-    interpolate: Optional[float] = _opt("--interpolate", "Final heads = initial + this × (trained − initial), WiSE-FT; "
-                                        "1 keeps them as trained.", SELECT, field="interpolate"),
+    interpolate: Optional[float] = _opt("--interpolate", "Final heads = initial + this × (trained − initial), "
+                                        "WiSE-FT; 1 keeps them as trained.", SELECT, field="interpolate"),
     adapt: Optional[str] = _opt("--adapt", "Per-document corrections of the training corpus, saved beside the heads "
                                 "and applied by eval to this store only: nudge-n (its step chosen on the dev slice) or "
                                 "none.", SELECT, field="adapt"),
@@ -286,7 +330,8 @@ def adapt(
                                          "none, the base vectors). Heads refit on every training query have seen the "
                                          "dev slice: train-heads --adapt chooses on heads that have not."),
     rule: str = typer.Option("ndcg", "--rule", help="ndcg: step and query weighting with the best dev NDCG@10, then "
-                             "a refit on every query; nudge-ft: NUDGE as published (nudge-ft 0.1.2's choice, no refit)."),
+                             "a refit on every query; nudge-ft: NUDGE as published (nudge-ft 0.1.2's choice, no "
+                             "refit)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset for the qrels (default: the store's)."),
     data_dir: Optional[Path] = DataDirOpt,
     train_split: str = typer.Option("train", "--train-split", help="qrels split whose judgements move documents."),
@@ -328,7 +373,8 @@ def adapt(
 @app.command()
 def run(
     recipe: Path = typer.Argument(..., help="A pipelines/*.toml recipe."),
-    encode: bool = typer.Option(False, "--encode", help="Encode every dataset even where reference vectors could be imported."),
+    encode: bool = typer.Option(False, "--encode", help="Encode every dataset even where reference vectors could be "
+                                                        "imported."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run folders go (runs/<name>/)."),
 ) -> None:
     """Run a whole study from a recipe (stores, heads per strategy and seed, eval) and print the comparison.
@@ -354,7 +400,8 @@ def train_live_cmd(
                                     "data/beir/).", RUN),
     model: Optional[str] = _opt("--model", "The encoder to start from (default: the one recorded in the store; must "
                                 "match it).", RUN),
-    out: Optional[Path] = _opt("--out", "Output folder (default runs/live/<dataset>/<strategy>-<preset>-s<seed>).", RUN),
+    out: Optional[Path] = _opt("--out", "Output folder (default "
+                                        "runs/live/<dataset>/<strategy>-<preset>-s<seed>).", RUN),
     train_split: str = _opt("--train-split", "qrels split whose pairs are trained on.", RUN, "train"),
     pairs: Optional[Path] = _opt("--pairs", "Pairs/triples of ids instead of qrels (JSONL or Parquet).", RUN),
     max_pairs: Optional[int] = _opt("--max-pairs", "Train on a seeded random subset of this many pairs (quick CPU "
@@ -372,7 +419,8 @@ def train_live_cmd(
     encoder_lr: float = _opt("--encoder-lr", "full: the encoder's AdamW rate.", OPTIM, 2e-5),
     head_lr: Optional[float] = _opt("--head-lr", "Heads' rate while the encoder trains (full: 1e-3, the study's; "
                                     "hybrid phase 2: --lr).", OPTIM),
-    phase2_encoder_lr: float = _opt("--phase2-encoder-lr", "hybrid: the unfrozen encoder's rate in phase 2.", OPTIM, 1e-6),
+    phase2_encoder_lr: float = _opt("--phase2-encoder-lr", "hybrid: the unfrozen encoder's rate in phase 2.",
+                                    OPTIM, 1e-6),
     phase2_epochs: Optional[int] = _opt("--phase2-epochs", "hybrid: passes in phase 2 (default: --epochs).", OPTIM),
     threshold: Optional[float] = _opt("--threshold", "hybrid: phase 2 only if phase-1 validation NDCG@10 >= this "
                                       "(default: only if it beats the vanilla encoder's on the same queries).", SELECT),
@@ -406,14 +454,18 @@ def train_live_cmd(
 def export(
     heads: Path = typer.Option(..., "--heads", help="Trained heads folder (train-heads output)."),
     out: Path = typer.Option(..., "--out", help="Folder to write the sentence-transformers model to."),
-    model: Optional[str] = typer.Option(None, "--model", help="The encoder (default: the one recorded with the heads; its weights must match)."),
-    query_tower: Optional[str] = typer.Option(None, "--query-tower", help="projection | predictor: how encode_query runs (default: the heads' own)."),
-    store: Optional[str] = typer.Option(None, "--store", help="Also write this store's documents through the heads to OUT/corpus_vectors.parquet (id, vector)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The encoder (default: the one recorded with the "
+                                                              "heads; its weights must match)."),
+    query_tower: Optional[str] = typer.Option(None, "--query-tower", help="projection | predictor: how encode_query "
+                                                                          "runs (default: the heads' own)."),
+    store: Optional[str] = typer.Option(None, "--store", help="Also write this store's documents through the heads "
+                                                              "to OUT/corpus_vectors.parquet (id, vector)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
 ) -> None:
     """Write encoder + heads as a sentence-transformers folder: encode_query / encode_document give eval's vectors.
 
-    Built from sentence-transformers' own modules: SentenceTransformer(DIR) loads it anywhere (no remote code, no jepa-cache).
+    Built from sentence-transformers' own modules: SentenceTransformer(DIR) loads it anywhere
+    (no remote code, no jepa-cache).
     """
     from .export import export as run_export
 
@@ -470,7 +522,8 @@ def main() -> None:
     """
     try:
         code = app(standalone_mode=False, prog_name="jepa-cache")  # also under `python -m` and torchrun
-        # Non-standalone click returns (not raises) the code of a `typer.Exit`; a command's own return value is not a code.
+        # Non-standalone click returns (not raises) the code of a `typer.Exit`;
+        # a command's own return value is not a code.
         if isinstance(code, int) and not isinstance(code, bool) and code:
             sys.exit(code)
     except UserError as e:

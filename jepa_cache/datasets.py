@@ -95,7 +95,8 @@ def find_dataset(name_or_path: str, data_dir: str | os.PathLike | None = None, d
     raise UserError(f"dataset {name!r} not found under {root}; pass --data-dir or set ${DATA_ENV}")
 
 
-def recorded_dataset(record: dict, name_or_path: str | None = None, data_dir: str | os.PathLike | None = None) -> BeirDataset:
+def recorded_dataset(record: dict, name_or_path: str | None = None,
+                     data_dir: str | os.PathLike | None = None) -> BeirDataset:
     """The dataset a store was made from (`record` is its provenance's `dataset` block).
 
     `name_or_path` (the user's --dataset) wins. Otherwise the folder the store recorded, when it still
@@ -117,7 +118,8 @@ def recorded_dataset(record: dict, name_or_path: str | None = None, data_dir: st
         try:
             return find_dataset(record["name"], data_dir, download=False)
         except UserError:
-            raise UserError(f"{folder}: the dataset this store was made from has changed since (corpus or queries sha256 differ); "
+            raise UserError(f"{folder}: the dataset this store was made from has changed since (corpus or queries "
+                            "sha256 differ); "
                             "pass --dataset with the folder it was made from, or rebuild the store") from None
     return find_dataset(record["name"], data_dir)
 
@@ -213,7 +215,8 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
                 if lineno == 1 and row[0].strip().lower() in {"query-id", "query_id", "qid"}:
                     continue
                 if len(row) != 3:
-                    raise UserError(f"{path}: line {lineno}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(row)}")
+                    raise UserError(f"{path}: line {lineno}: expected 3 tab-separated columns (query-id, corpus-id, "
+                                    f"score), got {len(row)}")
                 qid, did, score = (c.strip() for c in row)
                 if not qid or not did:
                     raise UserError(f"{path}: line {lineno}: empty query-id or corpus-id")

@@ -100,7 +100,8 @@ def fetch_url(
     from tqdm.auto import tqdm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")  # open(): the umask's mode, not mkstemp's 0600
+    # open(): the umask's mode, not mkstemp's 0600
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
     digests = {name: hashlib.new(name) for name, want in (("md5", md5), ("sha256", sha256)) if want}
     try:
         with _open(url, headers) as resp, open(tmp, "xb") as out:
@@ -119,7 +120,8 @@ def fetch_url(
                 raise UserError(f"{url}: truncated download ({got} of {want} bytes); run again")
         for name, want in (("md5", md5), ("sha256", sha256)):
             if want and digests[name].hexdigest() != want:
-                raise UserError(f"{url}: {name} {digests[name].hexdigest()} does not match the published {want}; refusing it")
+                raise UserError(f"{url}: {name} {digests[name].hexdigest()} does not match the published {want}; "
+                                "refusing it")
         os.replace(tmp, dest)
         return dest
     finally:
@@ -164,14 +166,17 @@ def download_beir(name: str, root: str | os.PathLike, log: Callable[[str], None]
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.download-"))
     except OSError as e:
-        raise UserError(f"dataset {name!r} is not under {root}, which is not writable ({e.strerror}); {manual}") from None
+        raise UserError(f"dataset {name!r} is not under {root}, which is not writable ({e.strerror}); "
+                        f"{manual}") from None
     try:
         md5 = BEIR_MD5.get(name)
-        log(f"dataset {name!r} is not under {root}; downloading {url}" + ("" if md5 else " (no published md5 to check it against)"))
+        log(f"dataset {name!r} is not under {root}; downloading {url}" + ("" if md5 else " (no published md5 to "
+                                                                                         "check it against)"))
         try:
             archive = fetch_url(url, tmp / f"{name}.zip", md5=md5)
         except NotFound:
-            raise UserError(f"dataset {name!r} is not under {root}, and BEIR has no {name}.zip ({url}: HTTP 404); check the name") from None
+            raise UserError(f"dataset {name!r} is not under {root}, and BEIR has no {name}.zip ({url}: HTTP 404); "
+                            "check the name") from None
         except UserError as e:
             raise UserError(f"dataset {name!r} is not under {root} and its download failed: {e}; {manual}") from None
         try:
@@ -226,7 +231,8 @@ def download_hub_model(repo: str, dest: Path) -> Path:
     files = {s["rfilename"]: s for s in siblings if isinstance(s, dict) and isinstance(s.get("rfilename"), str)}
     wanted = list(_wanted(files))
     if "modules.json" not in wanted and "config.json" not in wanted:
-        raise UserError(f"{repo}: the hub repo is not a sentence-transformers or transformers model (no modules.json/config.json)")
+        raise UserError(f"{repo}: the hub repo is not a sentence-transformers or transformers model (no "
+                        "modules.json/config.json)")
     with atomic_dir(dest, tag="hub") as staging:
         root = staging.resolve()
         for name in wanted:

@@ -45,7 +45,8 @@ except ImportError:
     try:
         from sentence_transformers.models import Dense, Normalize, Router
     except ImportError:
-        raise UserError("export needs sentence-transformers >= 5 (its Router module): pip install -U sentence-transformers") from None
+        raise UserError("export needs sentence-transformers >= 5 (its Router module): "
+                        "pip install -U sentence-transformers") from None
 
 EXPORT_FILE = "jepa_cache_export.json"
 CORPUS_FILE = "corpus_vectors.parquet"
@@ -98,7 +99,8 @@ def dense_layers(module: nn.Module) -> list[Dense]:
             b1 = torch.cat([torch.zeros(2 * dim), first.bias])
             w2 = torch.cat([base_w, -base_w, second.weight], dim=1)
             return [_dense(w1, b1, nn.GELU()), _dense(w2, base_b + second.bias, identity)]
-    raise UserError(f"heads layer {type(module).__name__} has no exact sentence-transformers equivalent; nothing was exported")
+    raise UserError(f"heads layer {type(module).__name__} has no exact sentence-transformers equivalent; "
+                    "nothing was exported")
 
 
 def to_sentence_transformer(encoder, heads: Heads, tower: str):
@@ -158,8 +160,42 @@ def _write_corpus_vectors(path: Path, blocks) -> int:
     return rows
 
 
-def export(heads_path: str | os.PathLike, out: str | os.PathLike, model: str | None = None, query_tower: str | None = None,
-           store: str | None = None, overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an `out` that is a file, or a non-empty folder without --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; --out names the folder to write the model to")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+
+
+def _store_and_corrections(store: str, heads, heads_path, log: Callable[[str], None]):
+    """The store made by the heads' encoder, and the heads' corrections when they were made for that store."""
+    from .store import open_store
+
+    docs_store = open_store(store, expect_dim=heads.config.input_dim, expect_encoder=heads.encoder_fingerprint)
+    found = find_corrections(heads_path)
+    corrections = Corrections.load(found) if found is not None else None
+    if corrections is not None and for_store(corrections, docs_store, heads) is None:
+        log(f"{docs_store.path}: the heads' corrections belong to another store; "
+            "its vectors go through the heads alone")
+        corrections = None
+    return docs_store, corrections
+
+
+def _check_weights(folder: Path, heads, log: Callable[[str], None]) -> str:
+    """The encoder's weights sha256, refused when it differs from the one the heads were trained on."""
+    sha, expected = weights_sha256(folder), heads.encoder_fingerprint
+    if expected and not expected.startswith("declared:") and sha != expected.split("+prompts:")[0]:
+        raise UserError(f"{folder}: weights sha256 {sha[:12]} differ from the encoder these heads were trained on "
+                        f"({expected[:12]}); pass --model with that encoder")
+    if expected is None or expected.startswith("declared:"):
+        log(f"note: the heads' store recorded no encoder weights; trusting that {folder} made its vectors")
+    return sha
+
+
+def export(heads_path: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
+           query_tower: str | None = None, store: str | None = None, overwrite: bool = False,
+           log: Callable[[str], None] = print) -> Path:
     """Write `out` as a sentence-transformers folder that encodes queries and documents as eval does.
 
     Args:
@@ -180,28 +216,13 @@ def export(heads_path: str | os.PathLike, out: str | os.PathLike, model: str | N
     if not name:
         raise UserError(f"{heads_path}: heads.json records no encoder name; pass --model")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: is a file; --out names the folder to write the model to")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    _check_out(out, overwrite)
     docs_store, corrections = None, None
     if store is not None:
-        from .store import open_store
-
-        docs_store = open_store(store, expect_dim=heads.config.input_dim, expect_encoder=heads.encoder_fingerprint)
-        found = find_corrections(heads_path)
-        corrections = Corrections.load(found) if found is not None else None
-        if corrections is not None and for_store(corrections, docs_store, heads) is None:
-            log(f"{docs_store.path}: the heads' corrections belong to another store; its vectors go through the heads alone")
-            corrections = None
+        docs_store, corrections = _store_and_corrections(store, heads, heads_path, log)
 
     folder = resolve_model(name)
-    sha, expected = weights_sha256(folder), heads.encoder_fingerprint
-    if expected and not expected.startswith("declared:") and sha != expected.split("+prompts:")[0]:
-        raise UserError(f"{folder}: weights sha256 {sha[:12]} differ from the encoder these heads were trained on ({expected[:12]}); "
-                        "pass --model with that encoder")
-    if expected is None or expected.startswith("declared:"):
-        log(f"note: the heads' store recorded no encoder weights; trusting that {folder} made its vectors")
+    sha = _check_weights(folder, heads, log)
 
     from .encoder import embedding_dim, load_encoder
 
@@ -213,7 +234,8 @@ def export(heads_path: str | os.PathLike, out: str | os.PathLike, model: str | N
     with atomic_dir(out, replace=True) as partial:  # the new folder appears whole, never half-written
         st_model.save(str(partial))
         record = {"heads": str(heads_path), "heads_fingerprint": heads.fingerprint, "query_tower": tower,
-                  "similarity": heads.similarity, "encoder": str(name), "encoder_sha256": sha, "load": "SentenceTransformer(DIR)"}
+                  "similarity": heads.similarity, "encoder": str(name), "encoder_sha256": sha,
+                  "load": "SentenceTransformer(DIR)"}
         if docs_store is not None:
             rows = _write_corpus_vectors(partial / CORPUS_FILE, corpus_vectors(heads, docs_store, corrections))
             record["corpus_vectors"] = {"file": CORPUS_FILE, "rows": rows, "store": str(docs_store.path),

@@ -303,6 +303,33 @@ def _write(out: Path, cfg: ImportConfig, provenance: dict, inputs: dict, order: 
         return writer.finalize(), True
 
 
+def _check_dims(inputs: dict, encoder: dict) -> int:
+    """The vectors' width, refused unless corpus, queries and the declared encoder agree; recorded in `encoder`."""
+    dim = inputs["corpus"].dim
+    if inputs["queries"].dim != dim:
+        raise UserError(f"corpus vectors are {dim}-d but query vectors {inputs['queries'].dim}-d; "
+                        "both must come from one encoder")
+    if encoder["dim"] is not None and encoder["dim"] != dim:
+        raise UserError(f"vectors are {dim}-d but the declared encoder {encoder['name']} makes "
+                        f"{encoder['dim']}-d vectors; pass the --model that made them")
+    encoder["dim"] = dim
+    return dim
+
+
+def _provenance(cfg: ImportConfig, dataset, encoder: dict, dim: int, record: dict) -> dict:
+    """The imported store's provenance: declared encoder, dataset files, templates, layout and the import record."""
+    return {
+        "source": "imported",
+        "encoder": encoder,
+        "dataset": {"name": dataset.name, "path": str(dataset.root.resolve()), "files": dataset.file_hashes()},
+        "template": {"corpus": CORPUS_TEMPLATE, "queries": QUERY_TEMPLATE},
+        "dim": dim,
+        "dtype": cfg.dtype,
+        "layout": {"shard_rows": cfg.shard_rows, "chunk_rows": cfg.chunk_rows},
+        "import": record,
+    }
+
+
 def import_vectors(cfg: ImportConfig, log: Callable[[str], None] = print) -> Store:
     """Validate precomputed vectors against the dataset, then write them as a complete store.
 
@@ -320,14 +347,7 @@ def import_vectors(cfg: ImportConfig, log: Callable[[str], None] = print) -> Sto
         "corpus": load_vectors("corpus", cfg.corpus, cfg.corpus_ids, cfg.id_column, cfg.vector_column),
         "queries": load_vectors("queries", cfg.queries, cfg.query_ids, cfg.id_column, cfg.vector_column),
     }
-    dim = inputs["corpus"].dim
-    if inputs["queries"].dim != dim:
-        raise UserError(f"corpus vectors are {dim}-d but query vectors {inputs['queries'].dim}-d; "
-                        "both must come from one encoder")
-    if encoder["dim"] is not None and encoder["dim"] != dim:
-        raise UserError(f"vectors are {dim}-d but the declared encoder {encoder['name']} makes "
-                        f"{encoder['dim']}-d vectors; pass the --model that made them")
-    encoder["dim"] = dim
+    dim = _check_dims(inputs, encoder)
     order = {
         "corpus": _row_order(inputs["corpus"], doc_ids, dataset.corpus_path, complete=True),
         "queries": _row_order(inputs["queries"], query_ids, dataset.queries_path, complete=False),
@@ -348,16 +368,7 @@ def import_vectors(cfg: ImportConfig, log: Callable[[str], None] = print) -> Sto
         "normalized_rows": renormalized,
         "queries_without_vector": len(query_ids) - len(order["queries"]),
     }
-    provenance = {
-        "source": "imported",
-        "encoder": encoder,
-        "dataset": {"name": dataset.name, "path": str(dataset.root.resolve()), "files": dataset.file_hashes()},
-        "template": {"corpus": CORPUS_TEMPLATE, "queries": QUERY_TEMPLATE},
-        "dim": dim,
-        "dtype": cfg.dtype,
-        "layout": {"shard_rows": cfg.shard_rows, "chunk_rows": cfg.chunk_rows},
-        "import": record,
-    }
+    provenance = _provenance(cfg, dataset, encoder, dim, record)
     store, written = _write(out, cfg, provenance, inputs, order, log)
     if not written:
         return store

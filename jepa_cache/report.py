@@ -75,8 +75,9 @@ def _pyplot():
     return plt
 
 
-def plot_bars(path: Path, strategies: Sequence[str], datasets: Sequence[str], scores: dict[tuple[str, str], list[float]]) -> None:
-    """NDCG@10 bars (mean over seeds), one group per dataset, one bar per strategy; each seed a dot, the range a whisker."""
+def plot_bars(path: Path, strategies: Sequence[str], datasets: Sequence[str],
+              scores: dict[tuple[str, str], list[float]]) -> None:
+    """NDCG@10 bars (mean over seeds), one group per dataset, one bar per strategy; each seed a dot, range a whisker."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(2.2 + 1.8 * len(datasets), 3.8))
     width = 0.8 / max(len(strategies), 1)
@@ -101,7 +102,8 @@ def plot_bars(path: Path, strategies: Sequence[str], datasets: Sequence[str], sc
     plt.close(fig)
 
 
-def plot_losses(path: Path, curves: dict[str, dict[str, list[float]]], phases: dict[str, list[str]] | None = None) -> None:
+def plot_losses(path: Path, curves: dict[str, dict[str, list[float]]],
+                phases: dict[str, list[str]] | None = None) -> None:
     """Loss parts per step, one panel per strategy; the refit phase (retraining on every query) shaded and labelled."""
     if not curves:
         return
@@ -116,7 +118,8 @@ def plot_losses(path: Path, curves: dict[str, dict[str, list[float]]], phases: d
             stop = starts[j + 1] if j + 1 < len(starts) else len(labels)
             if labels[start] != "fit":
                 ax.axvspan(start - 0.5, stop - 0.5, color="grey", alpha=0.12, lw=0)
-            ax.text((start + stop - 1) / 2, 1.0, labels[start], transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7)
+            ax.text((start + stop - 1) / 2, 1.0, labels[start], transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=7)
         ax.set_title(name, fontsize=9, pad=14 if labels else 6)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
@@ -140,10 +143,11 @@ def plot_spectra(path: Path, spectra: dict[str, np.ndarray], baseline: str = "va
     for i, (name, share) in enumerate(shares.items()):
         label = f"{name} (eff. rank {effective_rank(spectra[name]):.1f})"
         left.semilogy(np.arange(1, len(share) + 1), share, label=label, lw=1.2, ls=styles[i % len(styles)])
-        if baseline in shares and name != baseline and len(spectra[name]) == len(spectra[baseline]):  # same width: comparable
+        # same width: comparable
+        if baseline in shares and name != baseline and len(spectra[name]) == len(spectra[baseline]):
             n = min(len(share), len(shares[baseline]))
-            right.plot(np.arange(1, n + 1), share[:n] / shares[baseline][:n], label=name, lw=1.2, ls=styles[i % len(styles)],
-                           color=left.lines[-1].get_color())
+            right.plot(np.arange(1, n + 1), share[:n] / shares[baseline][:n], label=name, lw=1.2,
+                       ls=styles[i % len(styles)], color=left.lines[-1].get_color())
     values = np.concatenate(list(shares.values()))
     left.set_ylim(values.min() / 2, values.max() * 2)
     left.set_xlabel("principal component")
@@ -166,7 +170,7 @@ HEADLINE = "ndcg@10"
 
 
 def loss_curves(path: Path) -> tuple[dict[str, list[float]], list[str]]:
-    """From a heads folder's steps.jsonl: each loss term per step, and each step's phase (fit / refit; empty without refit)."""
+    """From a heads folder's steps.jsonl: each loss term per step, and each step's phase (fit / refit, or none)."""
     steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     parts = [k for k, v in (steps[0].items() if steps else ()) if k not in ("step", "epoch", "lr", "grad_norm")
              and isinstance(v, (int, float)) and not isinstance(v, bool)]  # "phase" is a label, not a curve
@@ -206,6 +210,80 @@ def _spectra(train_store, heads: dict[str, tuple[str, str]]) -> tuple[dict[str, 
     return spectra, {n: effective_rank(e) for n, e in spectra.items()}
 
 
+def _cells(by: dict[tuple[str, str], list[dict]], baseline: str | None) -> dict[tuple[str, str], dict]:
+    """Per (strategy, dataset): mean scores over seeds, their spread, and the paired delta against the baseline."""
+    cells: dict[tuple[str, str], dict] = {}
+    for (s, d), group in by.items():
+        scores = [g["metrics"][HEADLINE] for g in group]
+        cell = {"ndcg@10": float(np.mean(scores)), "spread": float(np.max(scores) - np.min(scores)),
+                "seeds": len(group),
+                "recall@100": float(np.mean([g["metrics"].get("recall@100", np.nan) for g in group])),
+                "mrr@10": float(np.mean([g["metrics"].get("mrr@10", np.nan) for g in group])),
+                "store": group[0]["store_source"]}
+        if baseline and s != baseline:
+            a = _per_query([g["per_query"] for g in by[(baseline, d)]])
+            b = _per_query([g["per_query"] for g in group])
+            qs = sorted(a)
+            cell["delta"] = paired_delta([a[q] for q in qs], [b[q] for q in qs])
+        cells[(s, d)] = cell
+    return cells
+
+
+def _table(recipe, strategies: list[str], datasets: list[str], cells: dict, info: dict) -> tuple[list[str], list[list]]:
+    """The comparison table's header and rows, one row per strategy."""
+    header = ["strategy", "trainable params", "corrected docs", "train s"] + [
+        f"{d} ({'in-domain' if d == recipe.train_dataset else 'zero-shot'}, {cells[(strategies[0], d)]['store']})"
+        for d in datasets]
+    md_rows = []
+    for s in strategies:
+        row = [s, f"{info[s]['trainable_params']:,}", f"{info[s]['corrected_docs']:,}",
+               f"{info[s]['train_seconds']:.1f}"]
+        for d in datasets:
+            c = cells[(s, d)]
+            text = f"{c['ndcg@10']:.4f}" + (f" ±{c['spread'] / 2:.4f}" if c["seeds"] > 1 else "")
+            if "delta" in c:
+                text += f"<br>Δ {c['delta'].format()}"
+            row.append(text)
+        md_rows.append(row)
+    return header, md_rows
+
+
+def _plots(root: Path, recipe, by: dict, info: dict, strategies: list[str], datasets: list[str],
+           stores: dict) -> dict[str, float]:
+    """ndcg.png, losses.png and spectrum.png under `root`; the effective rank of each strategy's vectors."""
+    heads_first = {s: by[(s, datasets[0])][0]["heads"] for s in strategies if by[(s, datasets[0])][0]["heads"]}
+    train_store = stores[recipe.train_dataset]
+    # each strategy's documents as its encoder made them;
+    # a changed encoder not scored on the training set has no spectrum here
+    own_store = {s: (by[(s, recipe.train_dataset)][0]["store"] if (s, recipe.train_dataset) in by
+                     else str(train_store.path) if info[s]["kind"] not in ("full", "hybrid") else None)
+                 for s in heads_first}
+    spectra, ranks = _spectra(train_store, {s: (path, own_store[s]) for s, path in heads_first.items()
+                                            if own_store[s] is not None})
+    plot_bars(root / "ndcg.png", strategies, datasets,
+              {key: [g["metrics"][HEADLINE] for g in group] for key, group in by.items()})
+    curves, phases = {}, {}
+    for s, path in heads_first.items():
+        curves[s], phases[s] = loss_curves(Path(path) / "steps.jsonl")
+    plot_losses(root / "losses.png", curves, phases)
+    plot_spectra(root / "spectrum.png", spectra)
+    return ranks
+
+
+def _markdown(recipe, baseline: str | None, header: list[str], md_rows: list[list], ranks: dict[str, float]) -> str:
+    """report.md's text: what was compared, the table, effective ranks and the plots."""
+    md = [f"# {recipe.name}: strategy comparison", "",
+          f"Encoder `{recipe.model}`; trained on {recipe.train_dataset}/{recipe.train_split}; evaluated on the "
+          f"{recipe.eval_split} split. NDCG@10 (mean over seeds, ± half the range); Δ against `{baseline}` "
+          "with a 95% paired-bootstrap interval over queries and a paired sign-flip p-value "
+          "(* = interval excludes 0).", "",
+          markdown_table(header, md_rows), "",
+          "Effective rank of the training corpus' vectors (exp of the spectral entropy; higher = more isotropic): "
+          + ", ".join(f"{n} {r:.1f}" for n, r in ranks.items()), "",
+          "![NDCG@10](ndcg.png)", "", "![loss parts per step](losses.png)", "", "![eigen-spectrum](spectrum.png)", ""]
+    return "\n".join(md)
+
+
 def write_report(root: Path, recipe, rows: list[dict], stores: dict) -> dict:
     """results.json + report.md + plots under `root`, and the same table on screen."""
     from .files import atomic_write_bytes, atomic_write_json
@@ -217,62 +295,20 @@ def write_report(root: Path, recipe, rows: list[dict], stores: dict) -> dict:
     for r in rows:
         by.setdefault((r["strategy"], r["dataset"]), []).append(r)
     baseline = next((r["strategy"] for r in rows if r["kind"] == "vanilla"), None)
-    cells: dict[tuple[str, str], dict] = {}
-    for (s, d), group in by.items():
-        scores = [g["metrics"][HEADLINE] for g in group]
-        cell = {"ndcg@10": float(np.mean(scores)), "spread": float(np.max(scores) - np.min(scores)), "seeds": len(group),
-                "recall@100": float(np.mean([g["metrics"].get("recall@100", np.nan) for g in group])),
-                "mrr@10": float(np.mean([g["metrics"].get("mrr@10", np.nan) for g in group])),
-                "store": group[0]["store_source"]}
-        if baseline and s != baseline:
-            a = _per_query([g["per_query"] for g in by[(baseline, d)]])
-            b = _per_query([g["per_query"] for g in group])
-            qs = sorted(a)
-            cell["delta"] = paired_delta([a[q] for q in qs], [b[q] for q in qs])
-        cells[(s, d)] = cell
+    cells = _cells(by, baseline)
     info = {s: {"kind": by[(s, datasets[0])][0]["kind"],
                 "trainable_params": by[(s, datasets[0])][0]["trainable_params"],
                 "corrected_docs": by[(s, datasets[0])][0].get("corrected_docs", 0),
-                "train_seconds": float(np.mean([g["train_seconds"] for g in by[(s, datasets[0])]]))} for s in strategies}
+                "train_seconds": float(np.mean([g["train_seconds"] for g in by[(s, datasets[0])]]))}
+            for s in strategies}
 
-    header = ["strategy", "trainable params", "corrected docs", "train s"] + [
-        f"{d} ({'in-domain' if d == recipe.train_dataset else 'zero-shot'}, {cells[(strategies[0], d)]['store']})" for d in datasets]
-    md_rows = []
-    for s in strategies:
-        row = [s, f"{info[s]['trainable_params']:,}", f"{info[s]['corrected_docs']:,}", f"{info[s]['train_seconds']:.1f}"]
-        for d in datasets:
-            c = cells[(s, d)]
-            text = f"{c['ndcg@10']:.4f}" + (f" ±{c['spread'] / 2:.4f}" if c["seeds"] > 1 else "")
-            if "delta" in c:
-                text += f"<br>Δ {c['delta'].format()}"
-            row.append(text)
-        md_rows.append(row)
-
-    heads_first = {s: by[(s, datasets[0])][0]["heads"] for s in strategies if by[(s, datasets[0])][0]["heads"]}
-    train_store = stores[recipe.train_dataset]
-    # each strategy's documents as its encoder made them; a changed encoder not scored on the training set has no spectrum here
-    own_store = {s: (by[(s, recipe.train_dataset)][0]["store"] if (s, recipe.train_dataset) in by
-                     else str(train_store.path) if info[s]["kind"] not in ("full", "hybrid") else None) for s in heads_first}
-    spectra, ranks = _spectra(train_store, {s: (path, own_store[s]) for s, path in heads_first.items() if own_store[s] is not None})
-    plot_bars(root / "ndcg.png", strategies, datasets, {key: [g["metrics"][HEADLINE] for g in group] for key, group in by.items()})
-    curves, phases = {}, {}
-    for s, path in heads_first.items():
-        curves[s], phases[s] = loss_curves(Path(path) / "steps.jsonl")
-    plot_losses(root / "losses.png", curves, phases)
-    plot_spectra(root / "spectrum.png", spectra)
-
-    md = [f"# {recipe.name}: strategy comparison", "",
-          f"Encoder `{recipe.model}`; trained on {recipe.train_dataset}/{recipe.train_split}; evaluated on the "
-          f"{recipe.eval_split} split. NDCG@10 (mean over seeds, ± half the range); Δ against `{baseline}` with a 95% "
-          "paired-bootstrap interval over queries and a paired sign-flip p-value (* = interval excludes 0).", "",
-          markdown_table(header, md_rows), "",
-          "Effective rank of the training corpus' vectors (exp of the spectral entropy; higher = more isotropic): "
-          + ", ".join(f"{n} {r:.1f}" for n, r in ranks.items()), "",
-          "![NDCG@10](ndcg.png)", "", "![loss parts per step](losses.png)", "", "![eigen-spectrum](spectrum.png)", ""]
-    atomic_write_bytes(root / "report.md", "\n".join(md).encode())
+    header, md_rows = _table(recipe, strategies, datasets, cells, info)
+    ranks = _plots(root, recipe, by, info, strategies, datasets, stores)
+    atomic_write_bytes(root / "report.md", _markdown(recipe, baseline, header, md_rows, ranks).encode())
     summary = {
         "recipe": recipe, "baseline": baseline, "strategies": info, "effective_rank": ranks,
-        "results": [{"strategy": s, "dataset": d, **{k: (vars(v) if isinstance(v, PairedDelta) else v) for k, v in c.items()}}
+        "results": [{"strategy": s, "dataset": d,
+                     **{k: (vars(v) if isinstance(v, PairedDelta) else v) for k, v in c.items()}}
                     for (s, d), c in cells.items()],
         "runs": rows,
     }

@@ -174,7 +174,8 @@ def _faiss():
     try:
         import faiss  # noqa: PLC0415  (lazy: heavy, and only eval needs it)
     except ImportError:
-        raise UserError("faiss is not installed: pip install 'jepa-cache[cpu]' (or [gpu]), or use --index torch") from None
+        raise UserError("faiss is not installed: pip install 'jepa-cache[cpu]' (or [gpu]), or use --index "
+                        "torch") from None
     return faiss
 
 
@@ -259,13 +260,15 @@ def _exact(blocks: Iterable[np.ndarray], queries: np.ndarray, q: np.ndarray, k: 
         t0 = time.perf_counter()
         m = min(k + MARGIN, len(block))
         approx, local = search(m)
-        scores, rows = _best(_rescore(queries, block, local, similarity), np.where(local >= 0, local + offset, -1), ties, k)
-        if m < len(block):  # rows the backend did not return score at most approx[:, -1] (+ error): can one reach rank k?
+        scores, rows = _best(_rescore(queries, block, local, similarity), np.where(local >= 0, local + offset, -1),
+                             ties, k)
+        # rows the backend did not return score at most approx[:, -1] (+ error): can one reach rank k?
+        if m < len(block):
             slack = _slack(q, prepared, similarity)
             doubt = np.nonzero(_reach(approx[:, -1], slack) >= scores[:, k - 1])[0]
             if len(doubt):
-                scores[doubt], rows[doubt] = _widen(queries[doubt], q[doubt], block, prepared, scores[doubt, k - 1], slack[doubt],
-                                                    similarity, offset, ties, k)
+                scores[doubt], rows[doubt] = _widen(queries[doubt], q[doubt], block, prepared, scores[doubt, k - 1],
+                                                    slack[doubt], similarity, offset, ties, k)
         best = _best(np.concatenate([best[0], scores], axis=1), np.concatenate([best[1], rows], axis=1), ties, k)
         spent += time.perf_counter() - t0
         offset += len(block)
@@ -273,8 +276,8 @@ def _exact(blocks: Iterable[np.ndarray], queries: np.ndarray, q: np.ndarray, k: 
     return *best, backend, spent
 
 
-def _approximate(blocks: Callable[[], Iterable[np.ndarray]], queries: np.ndarray, q: np.ndarray, k: int, similarity: str,
-                 spec: str, params: str | None, ties: np.ndarray | None):
+def _approximate(blocks: Callable[[], Iterable[np.ndarray]], queries: np.ndarray, q: np.ndarray, k: int,
+                 similarity: str, spec: str, params: str | None, ties: np.ndarray | None):
     """Fill the index block by block, take its k + MARGIN candidates, rescore them in a second pass over the blocks."""
     faiss = _faiss()
     metric = faiss.METRIC_INNER_PRODUCT if similarity == "cos" else faiss.METRIC_L2
@@ -285,12 +288,14 @@ def _approximate(blocks: Callable[[], Iterable[np.ndarray]], queries: np.ndarray
             try:
                 index = faiss.index_factory(block.shape[1], spec, metric)
             except RuntimeError as e:
-                raise UserError(f"--faiss-index {spec!r}: not a FAISS index factory string ({str(e).strip().splitlines()[-1]})") from None
+                raise UserError(f"--faiss-index {spec!r}: not a FAISS index factory string "
+                                f"({str(e).strip().splitlines()[-1]})") from None
             if not index.is_trained:  # IVF/PQ: trained once, on the first block
                 try:
                     index.train(block)
                 except RuntimeError as e:
-                    raise UserError(f"--faiss-index {spec!r}: training failed on {len(block)} rows ({str(e).strip().splitlines()[-1]})") from None
+                    raise UserError(f"--faiss-index {spec!r}: training failed on {len(block)} rows "
+                                    f"({str(e).strip().splitlines()[-1]})") from None
             index, where = _to_gpu(index)
             if params:
                 space = faiss.GpuParameterSpace() if where == "faiss-gpu" else faiss.ParameterSpace()
@@ -308,7 +313,8 @@ def _approximate(blocks: Callable[[], Iterable[np.ndarray]], queries: np.ndarray
         local = np.where((labels >= offset) & (labels < offset + len(block)), labels - offset, -1)
         scores = np.where(local >= 0, _rescore(queries, block, local, similarity), scores)
         offset += len(block)
-    return *_best(scores, labels, ties, k), f"{where} {spec}" + (f" ({params})" if params else ""), time.perf_counter() - t0
+    return (*_best(scores, labels, ties, k), f"{where} {spec}" + (f" ({params})" if params else ""),
+            time.perf_counter() - t0)
 
 
 def top_k(

@@ -225,17 +225,8 @@ def split_arg(value: str, option: str) -> tuple[str, Path]:
     return split, Path(file)
 
 
-def prepare_data(out: str | os.PathLike, corpus: str | None = None, queries: str | None = None,
-                 qrels: list[str] = (), pairs: list[str] = (), overwrite: bool = False,
-                 log: Callable[[str], None] = print) -> Path:
-    """Write `out` as a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv[, pairs/<split>.jsonl]).
-
-    Args:
-        corpus, queries: tables with ids (or without: hashed) and texts.
-        qrels: BEIR qrels TSV files, each `SPLIT=FILE` (or `FILE` for split train); ids must exist.
-        pairs: tables of text pairs, each `SPLIT=FILE`; their texts join the corpus and queries.
-    """
-    out = Path(out)
+def _check_args(out: Path, corpus: str | None, queries: str | None, pairs: list[str], overwrite: bool) -> None:
+    """Refuse missing documents or queries, and an `out` that is a file or a non-empty folder without --overwrite."""
     if corpus is None and not pairs:
         raise UserError("give the documents: --corpus FILE, or --pairs FILE whose texts become the corpus")
     if queries is None and not pairs:
@@ -245,14 +236,10 @@ def prepare_data(out: str | os.PathLike, corpus: str | None = None, queries: str
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: exists and is not empty; pass --overwrite to replace it")
 
-    docs, qs = Records("doc"), Records("q")
-    inputs: dict[str, dict] = {}
-    if corpus is not None:
-        read_records(Path(corpus), docs, title=True)
-        inputs["corpus"] = {"path": str(Path(corpus).resolve()), "sha256": sha256_file(corpus)}
-    if queries is not None:
-        read_records(Path(queries), qs, title=False)
-        inputs["queries"] = {"path": str(Path(queries).resolve()), "sha256": sha256_file(queries)}
+
+def _read_labels(qrels: list[str], pairs: list[str], docs: Records, qs: Records,
+                 inputs: dict[str, dict]) -> tuple[dict[str, dict[str, dict[str, int]]], dict[str, list[dict]]]:
+    """Judgements per split from the qrels and pair files, and hard-negative triples per split; inputs recorded."""
     labels: dict[str, dict[str, dict[str, int]]] = {}
     triples: dict[str, list[dict]] = {}
     for value in qrels:
@@ -260,7 +247,8 @@ def prepare_data(out: str | os.PathLike, corpus: str | None = None, queries: str
         judged = read_qrels(path)
         for qid, row in judged.items():
             if qid not in qs.items:
-                raise UserError(f"{path}: query-id {qid!r} is not in the queries; check the ids (or the --queries file)")
+                raise UserError(f"{path}: query-id {qid!r} is not in the queries; "
+                                "check the ids (or the --queries file)")
             for did, score in row.items():
                 if did not in docs.items:
                     raise UserError(f"{path}: corpus-id {did!r} (query {qid!r}) is not in the corpus; check the ids")
@@ -274,26 +262,58 @@ def prepare_data(out: str | os.PathLike, corpus: str | None = None, queries: str
         if found:
             triples.setdefault(split, []).extend(found)
         inputs[f"pairs {split}"] = {"path": str(path.resolve()), "sha256": sha256_file(path)}
+    return labels, triples
+
+
+def _write_folder(partial: Path, docs: Records, qs: Records, labels: dict, triples: dict, inputs: dict) -> None:
+    """Write the BEIR files and prepare.json into the new folder `partial`."""
+    partial.mkdir(parents=True)
+    _write_jsonl(partial / "corpus.jsonl", docs.items.values())
+    _write_jsonl(partial / "queries.jsonl", qs.items.values())
+    (partial / "qrels").mkdir()
+    for split, judged in labels.items():
+        lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{s}" for q, row in judged.items()
+                                                 for d, s in row.items()]
+        (partial / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for split, rows in triples.items():
+        (partial / "pairs").mkdir(exist_ok=True)
+        _write_jsonl(partial / "pairs" / f"{split}.jsonl", rows)
+    atomic_write_json(partial / "prepare.json", {
+        "inputs": inputs, "documents": len(docs.items), "queries": len(qs.items),
+        "splits": {s: {"queries": len(j), "judgements": sum(map(len, j.values())),
+                       "triples": len(triples.get(s, []))}
+                   for s, j in labels.items()},
+        "ids": "given ids kept; texts without one: doc-/q- + the first 16 hex digits of the text's sha256",
+    })
+
+
+def prepare_data(out: str | os.PathLike, corpus: str | None = None, queries: str | None = None,
+                 qrels: list[str] = (), pairs: list[str] = (), overwrite: bool = False,
+                 log: Callable[[str], None] = print) -> Path:
+    """Write `out` as a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv[, pairs/<split>.jsonl]).
+
+    Args:
+        corpus, queries: tables with ids (or without: hashed) and texts.
+        qrels: BEIR qrels TSV files, each `SPLIT=FILE` (or `FILE` for split train); ids must exist.
+        pairs: tables of text pairs, each `SPLIT=FILE`; their texts join the corpus and queries.
+    """
+    out = Path(out)
+    _check_args(out, corpus, queries, pairs, overwrite)
+
+    docs, qs = Records("doc"), Records("q")
+    inputs: dict[str, dict] = {}
+    if corpus is not None:
+        read_records(Path(corpus), docs, title=True)
+        inputs["corpus"] = {"path": str(Path(corpus).resolve()), "sha256": sha256_file(corpus)}
+    if queries is not None:
+        read_records(Path(queries), qs, title=False)
+        inputs["queries"] = {"path": str(Path(queries).resolve()), "sha256": sha256_file(queries)}
+    labels, triples = _read_labels(qrels, pairs, docs, qs, inputs)
 
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        partial.mkdir(parents=True)
-        _write_jsonl(partial / "corpus.jsonl", docs.items.values())
-        _write_jsonl(partial / "queries.jsonl", qs.items.values())
-        (partial / "qrels").mkdir()
-        for split, judged in labels.items():
-            lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{s}" for q, row in judged.items() for d, s in row.items()]
-            (partial / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        for split, rows in triples.items():
-            (partial / "pairs").mkdir(exist_ok=True)
-            _write_jsonl(partial / "pairs" / f"{split}.jsonl", rows)
-        atomic_write_json(partial / "prepare.json", {
-            "inputs": inputs, "documents": len(docs.items), "queries": len(qs.items),
-            "splits": {s: {"queries": len(j), "judgements": sum(map(len, j.values())), "triples": len(triples.get(s, []))}
-                       for s, j in labels.items()},
-            "ids": "given ids kept; texts without one: doc-/q- + the first 16 hex digits of the text's sha256",
-        })
+        _write_folder(partial, docs, qs, labels, triples, inputs)
         if out.is_dir():
             shutil.rmtree(out)
         os.replace(partial, out)
