@@ -55,7 +55,9 @@ def resolve_backend(backend: str, device: torch.device, model=None) -> str:
         return "openvino" if model is None or convertible(model) else "torch"
     if backend != "torch":
         if device.type != "cpu":
-            raise UserError(f"--backend {backend}: runs on the CPU only; use --device cpu, or --backend torch on {device}")
+            raise UserError(
+                f"--backend {backend}: runs on the CPU only; use --device cpu, or --backend torch on {device}"
+            )
         _runtime(backend)
     return backend
 
@@ -98,9 +100,17 @@ def _transformer(model):
     """The Hugging Face model inside model[0], refused when the first module is not a plain text transformer."""
     first = model[0]
     hf = getattr(first, "auto_model", None)
-    text = (getattr(first, "modality_config", None) or {}).get("text", {"method": "forward", "method_output_name": "last_hidden_state"})
-    if hf is None or text.get("method") != "forward" or text.get("method_output_name") not in ("last_hidden_state", ["last_hidden_state"], ("last_hidden_state",)):
-        raise UserError(f"{type(first).__name__}: only a Transformer module returning last_hidden_state can be converted; use --backend torch")
+    text = (getattr(first, "modality_config", None) or {}).get(
+        "text", {"method": "forward", "method_output_name": "last_hidden_state"}
+    )
+    if (
+        hf is None
+        or text.get("method") != "forward"
+        or text.get("method_output_name") not in ("last_hidden_state", ["last_hidden_state"], ("last_hidden_state",))
+    ):
+        raise UserError(
+            f"{type(first).__name__}: only a Transformer module returning last_hidden_state can be converted; use --backend torch"
+        )
     return hf
 
 
@@ -139,11 +149,21 @@ def convert(model, backend: str, names: tuple[str, ...], dest: Path) -> None:
             converted = ov.convert_model(wrapped, example_input=example)
             for port, name in zip(converted.inputs, names):
                 port.get_tensor().set_names({name})
-            ov.save_model(converted, str(dest / _FILES[backend]), compress_to_fp16=False)  # the default would halve the weights
+            ov.save_model(
+                converted, str(dest / _FILES[backend]), compress_to_fp16=False
+            )  # the default would halve the weights
         else:
             dynamic = {name: {0: "batch", 1: "tokens"} for name in names}
-            torch.onnx.export(wrapped, example, str(dest / _FILES[backend]), input_names=list(names), output_names=["last_hidden_state"],
-                              dynamic_axes={**dynamic, "last_hidden_state": {0: "batch", 1: "tokens"}}, opset_version=17, dynamo=False)
+            torch.onnx.export(
+                wrapped,
+                example,
+                str(dest / _FILES[backend]),
+                input_names=list(names),
+                output_names=["last_hidden_state"],
+                dynamic_axes={**dynamic, "last_hidden_state": {0: "batch", 1: "tokens"}},
+                opset_version=17,
+                dynamo=False,
+            )
 
 
 def converted_path(folder: Path, backend: str, weights_sha256: str) -> Path:
@@ -151,7 +171,9 @@ def converted_path(folder: Path, backend: str, weights_sha256: str) -> Path:
     return folder.parent / f"{folder.name}.converted" / f"{backend}-{runtime_version(backend)}-{weights_sha256}"
 
 
-def cached_conversion(model, folder: Path, backend: str, weights_sha256: str, log: Callable[[str], None] = print) -> Path:
+def cached_conversion(
+    model, folder: Path, backend: str, weights_sha256: str, log: Callable[[str], None] = print
+) -> Path:
     """The converted model file, converting (atomically: into a temporary sibling, then renamed) only when absent."""
     path = converted_path(folder, backend, weights_sha256)
     if not (path / _FILES[backend]).is_file():
@@ -166,11 +188,15 @@ def cached_conversion(model, folder: Path, backend: str, weights_sha256: str, lo
                 if not (path / _FILES[backend]).is_file():
                     raise
         except OSError as e:
-            raise UserError(f"{path.parent}: cannot write the converted model ({e.strerror}); make the model's folder writable") from None
+            raise UserError(
+                f"{path.parent}: cannot write the converted model ({e.strerror}); make the model's folder writable"
+            ) from None
         except UserError:
             raise
         except Exception as e:  # the converters raise many types for a graph they cannot trace
-            raise UserError(f"{folder}: cannot convert for {backend} ({type(e).__name__}: {e}); use --backend torch") from None
+            raise UserError(
+                f"{folder}: cannot convert for {backend} ({type(e).__name__}: {e}); use --backend torch"
+            ) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return path / _FILES[backend]
@@ -186,8 +212,11 @@ def load_runtime(model, folder: Path, backend: str, weights_sha256: str, log: Ca
     threads = torch.get_num_threads()
     if backend == "openvino":
         # f32 explicitly: on CPUs with AMX/AVX512-BF16 OpenVINO would otherwise run in bf16
-        compiled = module.Core().compile_model(str(file), "CPU", {
-            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+        compiled = module.Core().compile_model(
+            str(file),
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"},
+        )
         request = compiled.create_infer_request()
 
         def infer(arrays: dict[str, np.ndarray]) -> np.ndarray:

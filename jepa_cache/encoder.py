@@ -58,7 +58,9 @@ def encoder_info(model, folder: str | Path, name: str, weights_sha256: str, prom
         "normalize": True,  # always L2-normalised here (a no-op for models that end in Normalize)
         "model_normalizes": "Normalize" in kinds,
         "dim": embedding_dim(model),
-    } | ({"prompts": dict(prompts)} if any(prompts.values()) else {})  # absent when none: older stores keep their identity
+    } | (
+        {"prompts": dict(prompts)} if any(prompts.values()) else {}
+    )  # absent when none: older stores keep their identity
 
 
 def embedding_dim(model) -> int:
@@ -76,7 +78,9 @@ def _autocast(device: torch.device):
 
 def tokenize(model, texts: Sequence[str], prompt: str = "") -> dict[str, list[list[int]]]:
     """Token ids of every text (after `prompt`), unpadded, truncated to the model's max_seq_length as ST does."""
-    enc = model.tokenizer([prompt + t for t in texts], truncation="longest_first", max_length=model.max_seq_length, padding=False)
+    enc = model.tokenizer(
+        [prompt + t for t in texts], truncation="longest_first", max_length=model.max_seq_length, padding=False
+    )
     return {k: v for k, v in enc.items() if k in FEATURES}
 
 

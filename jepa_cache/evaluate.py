@@ -70,8 +70,9 @@ def _kept_rows(run: dict[str, list[tuple[str, float]]], row_of: dict[str, int]) 
     return out
 
 
-def _write_outputs(folder: Path, run: dict, per_query: dict, has_vector: set[str], qrels: dict, tag: str,
-                   written: list[Path]) -> dict[str, str]:
+def _write_outputs(
+    folder: Path, run: dict, per_query: dict, has_vector: set[str], qrels: dict, tag: str, written: list[Path]
+) -> dict[str, str]:
     """Write one dataset's files (each atomically), recording in `written` what this run creates, for cleanup on failure."""
     if not folder.exists():
         written.append(folder)
@@ -79,19 +80,34 @@ def _write_outputs(folder: Path, run: dict, per_query: dict, has_vector: set[str
     written.extend(folder / f for f in ("per_query.parquet", "run.parquet", "run.trec"))
     names = list(next(iter(per_query.values())).keys())
     qids = list(per_query)
-    table = {"query_id": qids, **{n: [per_query[q][n] for q in qids] for n in names},
-             "relevant": [sum(1 for r in qrels[q].values() if r > 0) for q in qids], "has_vector": [q in has_vector for q in qids]}
+    table = {
+        "query_id": qids,
+        **{n: [per_query[q][n] for q in qids] for n in names},
+        "relevant": [sum(1 for r in qrels[q].values() if r > 0) for q in qids],
+        "has_vector": [q in has_vector for q in qids],
+    }
     with atomic_path(folder / "per_query.parquet") as tmp:
         pq.write_table(pa.table(table), tmp)
     rows = [(qid, rank, did, score) for qid, docs in run.items() for rank, (did, score) in enumerate(docs, 1)]
     with atomic_path(folder / "run.parquet") as tmp:
-        pq.write_table(pa.table({
-            "query_id": pa.array([r[0] for r in rows], pa.string()), "rank": pa.array([r[1] for r in rows], pa.int32()),
-            "doc_id": pa.array([r[2] for r in rows], pa.string()), "score": pa.array([r[3] for r in rows], pa.float32()),
-        }), tmp)
+        pq.write_table(
+            pa.table(
+                {
+                    "query_id": pa.array([r[0] for r in rows], pa.string()),
+                    "rank": pa.array([r[1] for r in rows], pa.int32()),
+                    "doc_id": pa.array([r[2] for r in rows], pa.string()),
+                    "score": pa.array([r[3] for r in rows], pa.float32()),
+                }
+            ),
+            tmp,
+        )
     # 9 significant digits round-trip a float32 score, so a re-scored TREC file ranks exactly as we did.
     atomic_write_bytes(folder / "run.trec", "".join(f"{q} Q0 {d} {r} {s:.9g} {tag}\n" for q, r, d, s in rows).encode())
-    return {"per_query": str(folder / "per_query.parquet"), "run": str(folder / "run.parquet"), "trec": str(folder / "run.trec")}
+    return {
+        "per_query": str(folder / "per_query.parquet"),
+        "run": str(folder / "run.parquet"),
+        "trec": str(folder / "run.trec"),
+    }
 
 
 @dataclass
@@ -117,11 +133,14 @@ def _check_index(spec: str, dim: int, similarity: str) -> None:
     except RuntimeError as e:
         # FAISS prefixes its reason with the C++ signature and source line: keep the reason
         reason = re.sub(r"^Error in .*? at \S+:\d+: ", "", str(e).strip().splitlines()[-1])
-        raise UserError(f"--faiss-index {spec!r}: not a FAISS index factory string ({reason}); e.g. Flat, HNSW32, IVF1024,Flat") from None
+        raise UserError(
+            f"--faiss-index {spec!r}: not a FAISS index factory string ({reason}); e.g. Flat, HNSW32, IVF1024,Flat"
+        ) from None
 
 
-def _prepare(dataset: BeirDataset, cfg: EvalConfig, heads: Any, corrections: Any, similarity: str,
-             log: Callable[[str], None]) -> _Prepared:
+def _prepare(
+    dataset: BeirDataset, cfg: EvalConfig, heads: Any, corrections: Any, similarity: str, log: Callable[[str], None]
+) -> _Prepared:
     """Read the qrels, open and check the store, count what the qrels name that is not there (warned; --strict refuses)."""
     t0 = time.perf_counter()
     name = dataset.name
@@ -131,8 +150,10 @@ def _prepare(dataset: BeirDataset, cfg: EvalConfig, heads: Any, corrections: Any
     store = open_store(store_path, expect_encoder=heads.encoder_fingerprint if heads is not None else None)
     heads_dim = getattr(heads.config, "input_dim", None) if heads is not None else None
     if heads_dim is not None and heads_dim != store.dim:
-        raise UserError(f"--heads {cfg.heads or 'heads'}: take {heads_dim}-d vectors, but {store.path} holds {store.dim}-d ones; "
-                        "use heads trained on a store of this encoder")
+        raise UserError(
+            f"--heads {cfg.heads or 'heads'}: take {heads_dim}-d vectors, but {store.path} holds {store.dim}-d ones; "
+            "use heads trained on a store of this encoder"
+        )
     check_dataset(store, dataset)
 
     doc_row, query_row = store.corpus.row_of, store.queries.row_of
@@ -140,23 +161,41 @@ def _prepare(dataset: BeirDataset, cfg: EvalConfig, heads: Any, corrections: Any
     no_vector = [q for q in qrels if q not in query_row]
     absent = [(q, d) for q, docs in qrels.items() for d in docs if d not in doc_row]
     if not with_vector:
-        raise UserError(f"{qrels_path}: none of its {len(qrels)} judged queries (e.g. {no_vector[0]!r}) is in {store.path}; "
-                        "wrong dataset or split?")
+        raise UserError(
+            f"{qrels_path}: none of its {len(qrels)} judged queries (e.g. {no_vector[0]!r}) is in {store.path}; "
+            "wrong dataset or split?"
+        )
     if absent:
-        log(f"{name}: {len(absent)} qrels name documents absent from the corpus (e.g. {absent[0][1]!r}); they count as misses")
+        log(
+            f"{name}: {len(absent)} qrels name documents absent from the corpus (e.g. {absent[0][1]!r}); they count as misses"
+        )
     if no_vector:
-        log(f"{name}: {len(no_vector)} judged queries have no vector in {store.path} (e.g. {no_vector[0]!r}); they score 0")
+        log(
+            f"{name}: {len(no_vector)} judged queries have no vector in {store.path} (e.g. {no_vector[0]!r}); they score 0"
+        )
     if cfg.strict and (absent or no_vector):
-        raise UserError(f"{name} --strict: {len(absent)} qrels name absent documents, {len(no_vector)} judged queries have no vector "
-                        f"in {store.path}; drop --strict to score them as misses")
+        raise UserError(
+            f"{name} --strict: {len(absent)} qrels name absent documents, {len(no_vector)} judged queries have no vector "
+            f"in {store.path}; drop --strict to score them as misses"
+        )
     dim = getattr(heads.config, "output_dim", None) if heads is not None else store.dim
     if cfg.index == "faiss" and cfg.faiss_index not in EXACT and dim:
         _check_index(cfg.faiss_index, dim, similarity)
-    return _Prepared(dataset, qrels, store, with_vector, no_vector, absent, time.perf_counter() - t0,
-                     _corrections_for(store, corrections, heads, log))
+    return _Prepared(
+        dataset,
+        qrels,
+        store,
+        with_vector,
+        no_vector,
+        absent,
+        time.perf_counter() - t0,
+        _corrections_for(store, corrections, heads, log),
+    )
 
 
-def _corrections_for(store: Store, corrections: Any, heads: Any, log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray] | None:
+def _corrections_for(
+    store: Store, corrections: Any, heads: Any, log: Callable[[str], None]
+) -> tuple[np.ndarray, np.ndarray] | None:
     """The corrections' (rows, vectors) when they were made for this store and these heads; None elsewhere (heads alone)."""
     fixed = corrections_for_store(corrections, store, heads)
     if corrections is not None and fixed is None:
@@ -164,8 +203,9 @@ def _corrections_for(store: Store, corrections: Any, heads: Any, log: Callable[[
     return fixed
 
 
-def _evaluate_one(prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, similarity: str, out: Path, tag: str,
-                  written: list[Path]) -> dict:
+def _evaluate_one(
+    prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, similarity: str, out: Path, tag: str, written: list[Path]
+) -> dict:
     t0 = time.perf_counter() - prep.seconds
     name, qrels, store = prep.dataset.name, prep.qrels, prep.store
     with_vector, no_vector, absent = prep.with_vector, prep.no_vector, prep.absent
@@ -203,7 +243,9 @@ def _evaluate_one(prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, simi
     recall, exact_s = None, None
     if spec not in EXACT:
         exact = top_k(docs(), queries, cfg.k + 1, similarity, "Flat", ties=ties)
-        recall = recall_vs_exact(_kept_rows(run, doc_row), _kept_rows(run_of_hits(exact, with_vector, corpus_ids, cfg.k), doc_row))
+        recall = recall_vs_exact(
+            _kept_rows(run, doc_row), _kept_rows(run_of_hits(exact, with_vector, corpus_ids, cfg.k), doc_row)
+        )
         exact_s = exact.seconds
 
     t1 = time.perf_counter()
@@ -217,21 +259,45 @@ def _evaluate_one(prep: _Prepared, cfg: EvalConfig, heads: Any, tower: str, simi
         "metrics": mean,
         "corrections_applied": 0 if prep.corrections is None else len(prep.corrections[0]),
         "queries": {"judged": len(qrels), "searched": len(with_vector), "without_vector": len(no_vector)},
-        "qrels": {"pairs": sum(len(d) for d in qrels.values()), "absent_docs": len(absent),
-                  "absent_examples": [d for _, d in absent[:10]]},
-        "search": {"backend": hits.backend, "index": spec, "params": cfg.faiss_params, "k": cfg.k, "similarity": similarity,
-                   "recall_vs_exact": recall, "blockwise": not in_memory},
-        "timings": {"load_s": t_load, "index_and_search_s": hits.seconds, "search_s": hits.search_seconds, "exact_s": exact_s, "score_s": score_s,
-                    "total_s": time.perf_counter() - t0, "queries_per_s": hits.queries_per_second},
+        "qrels": {
+            "pairs": sum(len(d) for d in qrels.values()),
+            "absent_docs": len(absent),
+            "absent_examples": [d for _, d in absent[:10]],
+        },
+        "search": {
+            "backend": hits.backend,
+            "index": spec,
+            "params": cfg.faiss_params,
+            "k": cfg.k,
+            "similarity": similarity,
+            "recall_vs_exact": recall,
+            "blockwise": not in_memory,
+        },
+        "timings": {
+            "load_s": t_load,
+            "index_and_search_s": hits.seconds,
+            "search_s": hits.search_seconds,
+            "exact_s": exact_s,
+            "score_s": score_s,
+            "total_s": time.perf_counter() - t0,
+            "queries_per_s": hits.queries_per_second,
+        },
         "files": files,
     }
 
 
 def _store_record(store: Store) -> dict:
     """What results.json says of the store a dataset was scored on."""
-    return {"path": str(store.path), "source": store.provenance.get("source"), "imported": store.imported,
-            "fingerprint": store.fingerprint, "encoder": store.provenance["encoder"]["name"],
-            "encoder_fingerprint": store.encoder_fingerprint, "dtype": store.provenance["dtype"], "docs": store.corpus.rows}
+    return {
+        "path": str(store.path),
+        "source": store.provenance.get("source"),
+        "imported": store.imported,
+        "fingerprint": store.fingerprint,
+        "encoder": store.provenance["encoder"]["name"],
+        "encoder_fingerprint": store.encoder_fingerprint,
+        "dtype": store.provenance["dtype"],
+        "docs": store.corpus.rows,
+    }
 
 
 def _validate(cfg: EvalConfig, heads: Any) -> tuple[str, str]:
@@ -245,9 +311,13 @@ def _validate(cfg: EvalConfig, heads: Any) -> tuple[str, str]:
     if heads is None and tower != "vanilla":
         raise UserError(f"--query-tower {tower}: needs --heads (without them the only tower is vanilla)")
     if heads is not None and not heads.encoder_fingerprint:
-        raise UserError(f"{cfg.heads or 'heads'}: record no encoder fingerprint, so no store can be checked against them; retrain them")
+        raise UserError(
+            f"{cfg.heads or 'heads'}: record no encoder fingerprint, so no store can be checked against them; retrain them"
+        )
     if heads is not None and tower == "vanilla":
-        raise UserError("--query-tower vanilla: with --heads the documents are projected; use projection or predictor, or drop --heads")
+        raise UserError(
+            "--query-tower vanilla: with --heads the documents are projected; use projection or predictor, or drop --heads"
+        )
     if heads is not None:
         from .heads import TOWERS  # noqa: PLC0415  (torch: only evaluation with heads loads it)
 
@@ -271,7 +341,9 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, heads: Any = N
     t0 = time.perf_counter()
     names = dataset_names(cfg.datasets)
     if cfg.store and len(names) > 1:
-        raise UserError("--store names one store; with several datasets each uses its default store (data/cache/<dataset>/<model>)")
+        raise UserError(
+            "--store names one store; with several datasets each uses its default store (data/cache/<dataset>/<model>)"
+        )
     datasets = [find_dataset(n, cfg.data_dir) for n in names]
     if heads is None and cfg.heads:
         heads = _load_heads(cfg.heads)
@@ -284,25 +356,46 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, heads: Any = N
     if corrections is not None:
         variant += f"+{corrections.method}-{corrections.store_fingerprint[:8]}"
     index_tag = "torch" if cfg.index == "torch" else re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.faiss_index)
-    out = Path(cfg.out) if cfg.out else DEFAULT_RUNS_DIR / f"{'+'.join(d.name for d in datasets)}-{cfg.split}-{variant}-{similarity}-{index_tag}"
+    out = (
+        Path(cfg.out)
+        if cfg.out
+        else DEFAULT_RUNS_DIR / f"{'+'.join(d.name for d in datasets)}-{cfg.split}-{variant}-{similarity}-{index_tag}"
+    )
     results: dict = {
         "config": cfg,
         "variant": variant,
         "query_tower": tower,
         "similarity": similarity,
-        "heads": None if heads is None else {"path": cfg.heads, "fingerprint": heads.fingerprint,
-                                            "encoder_fingerprint": heads.encoder_fingerprint, "similarity": heads.similarity},
-        "corrections": None if corrections is None else {"path": str(folder), "method": corrections.method, "gamma": corrections.gamma,
-                                                         "documents": len(corrections.doc_ids), "store_fingerprint": corrections.store_fingerprint},
+        "heads": None
+        if heads is None
+        else {
+            "path": cfg.heads,
+            "fingerprint": heads.fingerprint,
+            "encoder_fingerprint": heads.encoder_fingerprint,
+            "similarity": heads.similarity,
+        },
+        "corrections": None
+        if corrections is None
+        else {
+            "path": str(folder),
+            "method": corrections.method,
+            "gamma": corrections.gamma,
+            "documents": len(corrections.doc_ids),
+            "store_fingerprint": corrections.store_fingerprint,
+        },
         "created": now_iso(),
         "versions": package_versions(),
         "datasets": {},
     }
     check_writable(out)
-    prepared = [_prepare(dataset, cfg, heads, corrections, similarity, log) for dataset in datasets]  # every refusal before any write
+    prepared = [
+        _prepare(dataset, cfg, heads, corrections, similarity, log) for dataset in datasets
+    ]  # every refusal before any write
     if cfg.corrections and all(p.corrections is None for p in prepared):
-        raise UserError(f"--corrections {cfg.corrections}: made for another store than those of "
-                        f"{', '.join(d.name for d in datasets)}; pass the store they were made for")
+        raise UserError(
+            f"--corrections {cfg.corrections}: made for another store than those of "
+            f"{', '.join(d.name for d in datasets)}; pass the store they were made for"
+        )
     if corrections is not None and similarity != "cos":
         raise UserError(f"--similarity {similarity}: corrections are unit vectors for cosine search; drop one of them")
     with exclusive_lock(out, "eval"):
@@ -310,8 +403,9 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print, heads: Any = N
         (out / "results.json").unlink(missing_ok=True)  # a stale one must never describe the files this run replaces
         try:
             for prep in prepared:
-                results["datasets"][prep.dataset.name] = _evaluate_one(prep, cfg, heads, tower, similarity, out,
-                                                                       f"jepa-cache-{variant}", written)
+                results["datasets"][prep.dataset.name] = _evaluate_one(
+                    prep, cfg, heads, tower, similarity, out, f"jepa-cache-{variant}", written
+                )
             results["total_s"] = time.perf_counter() - t0
             written.append(out / "results.json")
             atomic_write_json(out / "results.json", results)
@@ -341,17 +435,34 @@ def results_table(results: dict):
     first = next(iter(results["datasets"].values()))
     names = list(first["metrics"])
     approximate = any(r["search"]["recall_vs_exact"] is not None for r in results["datasets"].values())
-    table = Table(title=f"{first['split']} · {results['variant']} · {results['similarity']} · {first['search']['backend']}")
+    table = Table(
+        title=f"{first['split']} · {results['variant']} · {results['similarity']} · {first['search']['backend']}"
+    )
     label = {"ndcg": "NDCG", "recall": "Recall", "mrr": "MRR"}
-    for col in ["dataset", "store", "queries", *[label[n.split("@")[0]] + "@" + n.split("@")[1] for n in names],
-                "absent docs", "q/s", *(["recall vs exact"] if approximate else [])]:
+    for col in [
+        "dataset",
+        "store",
+        "queries",
+        *[label[n.split("@")[0]] + "@" + n.split("@")[1] for n in names],
+        "absent docs",
+        "q/s",
+        *(["recall vs exact"] if approximate else []),
+    ]:
         table.add_column(col, justify="left" if col in ("dataset", "store") else "right")
     for name, r in results["datasets"].items():
         marker = "[yellow]imported[/yellow]" if r["store"]["imported"] else "built"
         queries = f"{r['queries']['searched']}/{r['queries']['judged']}"
-        cells = [name, marker, queries, *[f"{r['metrics'][n]:.4f}" for n in names],
-                 str(r["qrels"]["absent_docs"]), f"{r['timings']['queries_per_s']:.0f}"]
+        cells = [
+            name,
+            marker,
+            queries,
+            *[f"{r['metrics'][n]:.4f}" for n in names],
+            str(r["qrels"]["absent_docs"]),
+            f"{r['timings']['queries_per_s']:.0f}",
+        ]
         if approximate:
-            cells.append(f"{r['search']['recall_vs_exact']:.4f}" if r["search"]["recall_vs_exact"] is not None else "exact")
+            cells.append(
+                f"{r['search']['recall_vs_exact']:.4f}" if r["search"]["recall_vs_exact"] is not None else "exact"
+            )
         table.add_row(*cells)
     return table

@@ -98,8 +98,10 @@ def live_encoder_folder(model: str | None, store: Store) -> Path:
     """The encoder folder for live training: `model`, else the one the store records; it must be the store's."""
     recorded = store.provenance["encoder"]
     if recorded.get("prompts"):  # NOT DONE: the live encoders run without prompts; refuse rather than mix
-        raise UserError(f"{store.path}: built with prompts {recorded['prompts']}; train-live does not apply prompts yet, "
-                        "so it would train on other vectors than the store's: use train-heads (cached) with this store")
+        raise UserError(
+            f"{store.path}: built with prompts {recorded['prompts']}; train-live does not apply prompts yet, "
+            "so it would train on other vectors than the store's: use train-heads (cached) with this store"
+        )
     local = recorded.get("path") if recorded.get("path") and Path(recorded["path"]).exists() else None
     name = model or local or recorded["name"]
     folder = resolve_model(name)
@@ -112,28 +114,40 @@ def live_encoder_folder(model: str | None, store: Store) -> Path:
     return folder
 
 
-def store_texts(store: Store, dataset_name: str | None, data_dir: str | None,
-                query_rows: Sequence[int], doc_rows: Sequence[int]) -> tuple[list[str], list[str]]:
+def store_texts(
+    store: Store, dataset_name: str | None, data_dir: str | None, query_rows: Sequence[int], doc_rows: Sequence[int]
+) -> tuple[list[str], list[str]]:
     """The texts of the given store rows, read from the dataset the store was built from."""
     dataset = recorded_dataset(store.provenance["dataset"], dataset_name, data_dir)
     check_dataset(store, dataset)
     texts = []
-    for section, reader, path, rows in (("queries", read_queries, dataset.queries_path, query_rows),
-                                        ("corpus", read_corpus, dataset.corpus_path, doc_rows)):
+    for section, reader, path, rows in (
+        ("queries", read_queries, dataset.queries_path, query_rows),
+        ("corpus", read_corpus, dataset.corpus_path, doc_rows),
+    ):
         ids, body = reader(path)
         text_of = dict(zip(ids, body))
         wanted = [store.section(section).ids[r] for r in rows]
         missing = [i for i in wanted if i not in text_of]
         if missing:
-            raise UserError(f"{path}: {len(missing)} id(s) of the store's {section} are not in it "
-                            f"(first {missing[0]!r})")
+            raise UserError(
+                f"{path}: {len(missing)} id(s) of the store's {section} are not in it (first {missing[0]!r})"
+            )
         texts.append([text_of[i] for i in wanted])
     return texts[0], texts[1]
 
 
-def frozen_live_source(model: str | None, store: Store, dataset: str | None, data_dir: str | None,
-                       query_rows: Sequence[int], doc_rows: Sequence[int], device: torch.device, batch_size: int = 32,
-                       log: Callable[[str], None] = print) -> FrozenLiveSource:
+def frozen_live_source(
+    model: str | None,
+    store: Store,
+    dataset: str | None,
+    data_dir: str | None,
+    query_rows: Sequence[int],
+    doc_rows: Sequence[int],
+    device: torch.device,
+    batch_size: int = 32,
+    log: Callable[[str], None] = print,
+) -> FrozenLiveSource:
     """Load the store's encoder (or `model`, which must be it) and the texts of the given store rows."""
     folder = live_encoder_folder(model, store)
     query_texts, doc_texts = store_texts(store, dataset, data_dir, query_rows, doc_rows)

@@ -81,7 +81,9 @@ def identity(provenance: dict) -> dict:
     encoder = out.get("encoder")
     if isinstance(encoder, dict) and encoder.get("weights_sha256"):
         out["encoder"] = {k: v for k, v in encoder.items() if k not in ("name", "path")}
-    if isinstance(out.get("dataset"), dict):  # nor does the folder the dataset was read from (its files' sha256 are kept)
+    if isinstance(
+        out.get("dataset"), dict
+    ):  # nor does the folder the dataset was read from (its files' sha256 are kept)
         out["dataset"] = {k: v for k, v in out["dataset"].items() if k != "path"}
     return out
 
@@ -184,8 +186,9 @@ class Store:
             ids = _read_ids(_join(self.path, name, "ids.parquet"))
             array = self.group[f"{name}/emb"]
             if array.shape[0] != len(ids):
-                raise UserError(f"{self.path}/{name}: {array.shape[0]} vectors but {len(ids)} ids; "
-                                "the store is damaged")
+                raise UserError(
+                    f"{self.path}/{name}: {array.shape[0]} vectors but {len(ids)} ids; the store is damaged"
+                )
             self._sections[name] = Section(name, ids, array, self.shard_rows)
         return self._sections[name]
 
@@ -235,13 +238,16 @@ class Store:
 def check_dataset(store: Store, dataset: BeirDataset) -> None:
     """The store must hold this dataset's corpus and queries: same name, same text files (qrels may differ)."""
     if store.dataset_name != dataset.name:
-        raise UserError(f"{store.path}: a store of dataset {store.dataset_name!r}, not {dataset.name!r}; "
-                        "pass that dataset's store")
+        raise UserError(
+            f"{store.path}: a store of dataset {store.dataset_name!r}, not {dataset.name!r}; pass that dataset's store"
+        )
     recorded, current = store.provenance["dataset"].get("files") or {}, dataset.file_hashes()
     changed = [f for f in recorded if not f.startswith("qrels/") and f in current and recorded[f] != current[f]]
     if changed:
-        raise UserError(f"{store.path}: made from other versions of {', '.join(changed)} than {dataset.root} holds; "
-                        "rebuild or re-import it")
+        raise UserError(
+            f"{store.path}: made from other versions of {', '.join(changed)} than {dataset.root} holds; "
+            "rebuild or re-import it"
+        )
 
 
 def open_store(
@@ -266,14 +272,16 @@ def open_store(
             fs, root = fsspec.core.url_to_fs(path)
             found = fs.exists(f"{root}/zarr.json")
         except (ImportError, ValueError) as e:
-            raise UserError(f"{path}: cannot read this URL ({e}); "
-                            "install the fsspec backend it needs (e.g. s3fs, gcsfs)") from None
+            raise UserError(
+                f"{path}: cannot read this URL ({e}); install the fsspec backend it needs (e.g. s3fs, gcsfs)"
+            ) from None
     else:
         path = Path(path)
         found = (path / "zarr.json").is_file()
     if not found:
-        raise UserError(f"{path}: not a jepa-cache store (no zarr.json); "
-                        "build one with `jepa-cache build` or `jepa-cache import`")
+        raise UserError(
+            f"{path}: not a jepa-cache store (no zarr.json); build one with `jepa-cache build` or `jepa-cache import`"
+        )
     zarr = _zarr()
     try:
         group = zarr.open_group(store=str(path), mode="r")
@@ -282,13 +290,17 @@ def open_store(
     if group.attrs.get("format") != FORMAT:
         raise UserError(f"{path}: zarr group is not a jepa-cache store (format {group.attrs.get('format')!r})")
     if group.attrs.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path}: store format version {group.attrs.get('format_version')} is not supported "
-                        f"(need {FORMAT_VERSION}); rebuild it")
+        raise UserError(
+            f"{path}: store format version {group.attrs.get('format_version')} is not supported "
+            f"(need {FORMAT_VERSION}); rebuild it"
+        )
     store = Store(path, group)
     if require_complete and not store.complete:
         command = "import" if store.imported else "build"
-        raise UserError(f"{path}: the {command} of this store has not finished; "
-                        f"re-run the same `jepa-cache {command}` to complete it")
+        raise UserError(
+            f"{path}: the {command} of this store has not finished; "
+            f"re-run the same `jepa-cache {command}` to complete it"
+        )
     if expect_dim is not None and store.dim != expect_dim:
         raise UserError(f"{path}: vectors are {store.dim}-d but {expect_dim}-d are expected (different encoder?)")
     if expect_encoder is not None and store.encoder_fingerprint != expect_encoder:

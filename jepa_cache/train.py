@@ -63,15 +63,18 @@ def _strategy_values(cfg: TrainConfig) -> dict:
         raise UserError(f"--preset {cfg.preset!r}: choose one of {', '.join(PRESETS)}")
     strategy = cfg.strategy or PRESETS[cfg.preset]["strategy"]
     if strategy not in STRATEGIES:
-        raise UserError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)} "
-                        "(full fine-tune, hybrid and frozen-live: `jepa-cache train-live`)")
+        raise UserError(
+            f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)} "
+            "(full fine-tune, hybrid and frozen-live: `jepa-cache train-live`)"
+        )
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
     values["strategy"] = strategy
     if strategy == "frozen-isotropy":  # projection only: no predictor, no predictive term
         for key, want in (("predictor", "none"), ("lambda_predictive", 0.0)):
             if values.get(key, want) != want:
-                raise UserError(f"--strategy frozen-isotropy trains the projection only; "
-                                f"it cannot take {key}={values[key]!r}")
+                raise UserError(
+                    f"--strategy frozen-isotropy trains the projection only; it cannot take {key}={values[key]!r}"
+                )
             values[key] = want
         if values.get("query_tower", "projection") != "projection":
             raise UserError("--strategy frozen-isotropy has no predictor: queries go through the projection")
@@ -85,13 +88,17 @@ SCORED_SPLIT = "test"  # what eval scores by default: training on it would repor
 def _check_values(cfg: TrainConfig) -> None:
     """Refuse resolved values out of range, in one line naming the option."""
     if cfg.train_split == SCORED_SPLIT and not cfg.pairs and not cfg.allow_test_training:
-        raise UserError(f"--train-split {SCORED_SPLIT}: that is the split eval scores, so the results would be "
-                        "measured on the training queries; train on another split, or pass --allow-test-training "
-                        "if you mean it")
+        raise UserError(
+            f"--train-split {SCORED_SPLIT}: that is the split eval scores, so the results would be "
+            "measured on the training queries; train on another split, or pass --allow-test-training "
+            "if you mean it"
+        )
     if cfg.strategy == "frozen-predictor" and cfg.predictor == "none":
-        raise UserError(f"--strategy frozen-predictor needs a predictor (preset {cfg.preset} has none: add e.g. "
-                        "--predictor residual --lambda-predictive 0.5); "
-                        "use --strategy frozen-isotropy for projection only")
+        raise UserError(
+            f"--strategy frozen-predictor needs a predictor (preset {cfg.preset} has none: add e.g. "
+            "--predictor residual --lambda-predictive 0.5); "
+            "use --strategy frozen-isotropy for projection only"
+        )
     for name in ("epochs", "batch_size", "directions", "mine_k"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be positive")
@@ -114,7 +121,9 @@ def _check_values(cfg: TrainConfig) -> None:
         raise UserError(f"--interpolate {cfg.interpolate}: must be in (0, 1] (1 keeps the heads as trained)")
     _choice("adapt", cfg.adapt, ADAPTS)
     if cfg.adapt != "none" and cfg.dev_fraction == 0:
-        raise UserError(f"--adapt {cfg.adapt} chooses its step on a dev slice: pass --dev-fraction > 0 (e.g. 0.2) or --adapt none")
+        raise UserError(
+            f"--adapt {cfg.adapt} chooses its step on a dev slice: pass --dev-fraction > 0 (e.g. 0.2) or --adapt none"
+        )
     if cfg.adapt != "none" and cfg.similarity != "cos":
         raise UserError(f"--adapt {cfg.adapt} moves documents on the unit sphere: it needs --similarity cos")
 
@@ -147,9 +156,18 @@ def build_heads(cfg: TrainConfig, input_dim: int, init_vectors: Tensor | None) -
 
 def build_criterion(loss: LossConfig, seed: int) -> JEPASIGRegLoss:
     return JEPASIGRegLoss(
-        loss.lambda_predictive, loss.lambda_contrastive, loss.lambda_isotropy, loss.lambda_reg, loss.use_stopgrad,
-        contrastive=loss.contrastive, isotropy=loss.isotropy, predictive=loss.predictive, temperature=loss.temperature,
-        margin=loss.margin, num_directions=loss.directions, seed=seed,
+        loss.lambda_predictive,
+        loss.lambda_contrastive,
+        loss.lambda_isotropy,
+        loss.lambda_reg,
+        loss.use_stopgrad,
+        contrastive=loss.contrastive,
+        isotropy=loss.isotropy,
+        predictive=loss.predictive,
+        temperature=loss.temperature,
+        margin=loss.margin,
+        num_directions=loss.directions,
+        seed=seed,
     )
 
 
@@ -165,17 +183,44 @@ def store_record(store: Store) -> dict:
     }
 
 
-def training_record(*, strategy: str, preset: str, pairs: int, pairs_from: str, history: list[dict], final: dict,
-                    seconds: float, epoch_seconds: list[float], device: str, trainable_parameters: int, live: bool,
-                    encoder_changed: bool = False, ranks: int = 1, dev: dict | None = None,
-                    validation: dict | None = None, adapt: dict | None = None) -> dict:
+def training_record(
+    *,
+    strategy: str,
+    preset: str,
+    pairs: int,
+    pairs_from: str,
+    history: list[dict],
+    final: dict,
+    seconds: float,
+    epoch_seconds: list[float],
+    device: str,
+    trainable_parameters: int,
+    live: bool,
+    encoder_changed: bool = False,
+    ranks: int = 1,
+    dev: dict | None = None,
+    validation: dict | None = None,
+    adapt: dict | None = None,
+) -> dict:
     """heads.json["training"], the one schema train-heads and train-live write."""
     return {
-        "strategy": strategy, "preset": preset, "pairs": pairs, "pairs_from": pairs_from, "steps": len(history),
-        "seconds": round(seconds, 3), "epoch_seconds": [round(t, 3) for t in epoch_seconds], "live": live,
-        "encoder_changed": encoder_changed, "device": device, "ranks": ranks,
+        "strategy": strategy,
+        "preset": preset,
+        "pairs": pairs,
+        "pairs_from": pairs_from,
+        "steps": len(history),
+        "seconds": round(seconds, 3),
+        "epoch_seconds": [round(t, 3) for t in epoch_seconds],
+        "live": live,
+        "encoder_changed": encoder_changed,
+        "device": device,
+        "ranks": ranks,
         "trainable_parameters": trainable_parameters,
-        "final_epoch_mean": final, "dev": dev, "validation": validation, "adapt": adapt, "finished": now_iso(),
+        "final_epoch_mean": final,
+        "dev": dev,
+        "validation": validation,
+        "adapt": adapt,
+        "finished": now_iso(),
     }
 
 
@@ -207,36 +252,61 @@ class TrainResult:
         return self.record["encoder_changed"]
 
 
-def _log_plan(cfg: TrainConfig, heads: Heads, index: PairIndex, steps: int, stop_after: int | None, live: bool,
-              log: Callable[[str], None]) -> None:
+def _log_plan(
+    cfg: TrainConfig,
+    heads: Heads,
+    index: PairIndex,
+    steps: int,
+    stop_after: int | None,
+    live: bool,
+    log: Callable[[str], None],
+) -> None:
     drawn = "all" if not 0 < cfg.corpus_negatives < len(index.doc_rows) else cfg.corpus_negatives
-    negs = {"batch": "in-batch negatives", "mined": f"in-batch + 1 of {cfg.mine_k} mined negatives per query",
-            "corpus": f"in-batch + {drawn} corpus negatives"}
+    negs = {
+        "batch": "in-batch negatives",
+        "mined": f"in-batch + 1 of {cfg.mine_k} mined negatives per query",
+        "corpus": f"in-batch + {drawn} corpus negatives",
+    }
     log(describe(heads))
-    log(f"loss: {cfg.contrastive} λ={cfg.lambda_contrastive} ({negs[cfg.negatives]}), "
+    log(
+        f"loss: {cfg.contrastive} λ={cfg.lambda_contrastive} ({negs[cfg.negatives]}), "
         f"{cfg.isotropy} λ={cfg.lambda_isotropy}, {cfg.predictive} predictive λ={cfg.lambda_predictive} "
         f"(stop-grad {cfg.use_stopgrad}), reg λ={cfg.lambda_reg}; {cfg.epochs} "
         f"{'query' if cfg.sampling == 'queries' else 'pair'} epoch(s) × {steps} steps of {cfg.batch_size}, "
         f"{cfg.schedule} lr {cfg.lr:g}{f', stopping after epoch {stop_after}' if stop_after is not None else ''}"
-        f"{'; LIVE: encoding every batch through the frozen encoder' if live else ''}")
+        f"{'; LIVE: encoding every batch through the frozen encoder' if live else ''}"
+    )
 
 
 def _index(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device, log: Callable[[str], None]) -> PairIndex:
     whole = cfg.negatives != "batch"
     if cfg.negatives == "mined" and pairs.neg_rows is not None:
-        raise UserError(f"{pairs.origin}: triples bring their own hard negatives; "
-                        "use --negatives batch or corpus with them")
-    index = PairIndex.build(pairs, device, corpus_rows=store.corpus.rows if whole else None,
-                            same_id=same_id_rows(store))
-    log(f"training pairs: {len(pairs):,} from {pairs.origin} ({index.num_queries:,} queries, {len(index.doc_rows):,} "
-        f"{'corpus ' if whole else ''}documents{', with hard negatives' if pairs.neg_rows is not None else ''})")
+        raise UserError(
+            f"{pairs.origin}: triples bring their own hard negatives; use --negatives batch or corpus with them"
+        )
+    index = PairIndex.build(
+        pairs, device, corpus_rows=store.corpus.rows if whole else None, same_id=same_id_rows(store)
+    )
+    log(
+        f"training pairs: {len(pairs):,} from {pairs.origin} ({index.num_queries:,} queries, {len(index.doc_rows):,} "
+        f"{'corpus ' if whole else ''}documents{', with hard negatives' if pairs.neg_rows is not None else ''})"
+    )
     return index
 
 
-def _fit_once(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device, corpus: Tensor | None,
-              dev: DevSet | None, log: Callable[[str], None], on_step: Callable[[dict], None],
-              stop_after: int | None = None, w: World = World(),
-              make_source: SourceFactory | None = None) -> tuple[Heads, FitResult, int]:
+def _fit_once(
+    cfg: TrainConfig,
+    store: Store,
+    pairs: Pairs,
+    device: torch.device,
+    corpus: Tensor | None,
+    dev: DevSet | None,
+    log: Callable[[str], None],
+    on_step: Callable[[dict], None],
+    stop_after: int | None = None,
+    w: World = World(),
+    make_source: SourceFactory | None = None,
+) -> tuple[Heads, FitResult, int]:
     """Build the index, the source, fresh heads and the optimiser for `pairs`, and fit them."""
     index = _index(cfg, store, pairs, device, log)
     if cfg.negatives != "batch" and corpus is not None:
@@ -257,8 +327,11 @@ def _fit_once(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     mined = None
     if cfg.negatives == "mined":  # rank 0 mines, the others receive: the same negatives everywhere
-        mined = (mine_negatives(heads, source, index, cfg.mine_k) if w.main
-                 else torch.empty(index.num_queries, cfg.mine_k, dtype=torch.int64, device=device))
+        mined = (
+            mine_negatives(heads, source, index, cfg.mine_k)
+            if w.main
+            else torch.empty(index.num_queries, cfg.mine_k, dtype=torch.int64, device=device)
+        )
         broadcast_tensor(w, mined)
     initial = {k: v.detach().clone() for k, v in heads.state_dict().items()}
 
@@ -269,19 +342,39 @@ def _fit_once(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device
 
     steps = math.ceil(index.items(cfg.sampling) / cfg.batch_size)
     _log_plan(cfg, heads, index, steps, stop_after, make_source is not None, log)
-    result = fit(heads, criterion, source, index, optimizer, cfg.group(OptimConfig), cfg.group(DataConfig),
-                 seed=cfg.seed, mined=mined, dev=dev_score if dev is not None else None,
-                 select=cfg.select if dev is not None else "last", stop_after=stop_after, on_step=on_step, log=log,
-                 world=w)
+    result = fit(
+        heads,
+        criterion,
+        source,
+        index,
+        optimizer,
+        cfg.group(OptimConfig),
+        cfg.group(DataConfig),
+        seed=cfg.seed,
+        mined=mined,
+        dev=dev_score if dev is not None else None,
+        select=cfg.select if dev is not None else "last",
+        stop_after=stop_after,
+        on_step=on_step,
+        log=log,
+        world=w,
+    )
     if cfg.interpolate != 1.0:
         interpolate_heads(heads, initial, cfg.interpolate)
         log(f"heads interpolated with their initial weights: initial + {cfg.interpolate:g} × (trained − initial)")
     return heads, result, steps
 
 
-def _fit_and_refit(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device, w: World,
-                   log: Callable[[str], None], write_step: Callable[[dict, str], None],
-                   make_source: SourceFactory | None) -> tuple[Heads, FitResult, int, dict | None, tuple | None]:
+def _fit_and_refit(
+    cfg: TrainConfig,
+    store: Store,
+    pairs: Pairs,
+    device: torch.device,
+    w: World,
+    log: Callable[[str], None],
+    write_step: Callable[[dict, str], None],
+    make_source: SourceFactory | None,
+) -> tuple[Heads, FitResult, int, dict | None, tuple | None]:
     """Fit (on all pairs, or all but the dev slice); with `refit`, fit again on all pairs for the epochs dev chose.
 
     With `adapt`, the corrections' settings are chosen on the dev slice in the fitted heads' space (rank 0).
@@ -295,33 +388,57 @@ def _fit_and_refit(cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.d
         dev = DevSet.from_pairs(dev_pairs, store, corpus, device)
         log(f"dev: {len(dev):,} held-out queries ({dev_pairs.origin}); NDCG@10 over the whole corpus after every epoch")
     select = cfg.group(SelectConfig)
-    heads, result, steps = _fit_once(cfg, store, fit_pairs, device, corpus, dev, log, lambda r: write_step(r, "fit"),
-                                     w=w, make_source=make_source)
+    heads, result, steps = _fit_once(
+        cfg, store, fit_pairs, device, corpus, dev, log, lambda r: write_step(r, "fit"), w=w, make_source=make_source
+    )
     dev_record = None
     if dev is not None:
-        dev_record = {"queries": len(dev), "fraction": select.dev_fraction, "seed": DEV_SEED, "ndcg@10": result.dev,
-                      "select": select.select, "best_epoch": result.best_epoch, "refit": select.refit}
+        dev_record = {
+            "queries": len(dev),
+            "fraction": select.dev_fraction,
+            "seed": DEV_SEED,
+            "ndcg@10": result.dev,
+            "select": select.select,
+            "best_epoch": result.best_epoch,
+            "refit": select.refit,
+        }
     choice = None
     if cfg.adapt != "none" and w.main:
         choice = choose_on(AdaptConfig(cfg.adapt), store, heads.eval(), fit_pairs, dev_pairs)
-        log(f"{cfg.adapt}: step γ {choice[0]:g}, query weight power {choice[1]:g}; dev NDCG@10 with the corrections "
-            f"{choice[2]['dev_ndcg@10']:.4f} (heads alone {choice[2]['base_dev_ndcg@10']:.4f})")
+        log(
+            f"{cfg.adapt}: step γ {choice[0]:g}, query weight power {choice[1]:g}; dev NDCG@10 with the corrections "
+            f"{choice[2]['dev_ndcg@10']:.4f} (heads alone {choice[2]['base_dev_ndcg@10']:.4f})"
+        )
     if select.refit:
         kept = result.best_epoch or 0
         log(f"refit: all {len(pairs):,} pairs, {kept} of {cfg.epochs} epoch(s)")
         fit_history = result.history
-        heads, result, steps = _fit_once(cfg, store, pairs, device, corpus, None, log, lambda r: write_step(r, "refit"),
-                                         stop_after=kept, w=w, make_source=make_source)
+        heads, result, steps = _fit_once(
+            cfg,
+            store,
+            pairs,
+            device,
+            corpus,
+            None,
+            log,
+            lambda r: write_step(r, "refit"),
+            stop_after=kept,
+            w=w,
+            make_source=make_source,
+        )
         result.history = fit_history + result.history
     return heads, result, steps, dev_record, choice
 
 
-def _refit_corrections(cfg: TrainConfig, store: Store, heads: Heads, pairs: Pairs, choice: tuple,
-                       log: Callable[[str], None]):
+def _refit_corrections(
+    cfg: TrainConfig, store: Store, heads: Heads, pairs: Pairs, choice: tuple, log: Callable[[str], None]
+):
     """The corrections with the settings dev chose, from every training query, in the final heads' space."""
     corrections = corrections_on(AdaptConfig(cfg.adapt), store, heads.eval(), pairs, *choice)
-    log(f"{cfg.adapt}: {len(corrections.doc_ids):,} documents corrected from {corrections.labelled_queries:,} "
-        "labelled queries")
+    log(
+        f"{cfg.adapt}: {len(corrections.doc_ids):,} documents corrected from {corrections.labelled_queries:,} "
+        "labelled queries"
+    )
     return corrections
 
 
@@ -337,8 +454,9 @@ def _write(out: Path, heads: Heads, corrections, meta: dict, cfg: TrainConfig, p
     partial.replace(out / STEPS_FILE)
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print,
-          make_source: SourceFactory | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig, log: Callable[[str], None] = print, make_source: SourceFactory | None = None
+) -> TrainResult:
     """Train heads on a store's cached vectors (or on the batches `make_source` encodes) and save them under `out`.
 
     With `dev_fraction`, a seeded slice of the training queries is held out and scored after
@@ -351,8 +469,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     store = open_store(cfg.store)
     cfg = with_width(cfg, store.dim)
     pairs = load_pairs(cfg, store)
-    out = Path(cfg.out) if cfg.out else default_out(DEFAULT_HEADS_DIR, store.dataset_name,
-                                                    f"{cfg.preset}-{cfg.strategy}-s{cfg.seed}")
+    out = (
+        Path(cfg.out)
+        if cfg.out
+        else default_out(DEFAULT_HEADS_DIR, store.dataset_name, f"{cfg.preset}-{cfg.strategy}-s{cfg.seed}")
+    )
     if (out / META_FILE).exists() and not cfg.overwrite:
         raise UserError(f"{out}: already holds heads; choose another --out or pass --overwrite")
     device = pick_device(rank_device(cfg.device, w))
@@ -365,19 +486,32 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         try:
             t0 = time.perf_counter()
             with open(partial if w.main else os.devnull, "w", encoding="utf-8") as steps_file:
+
                 def write_step(record: dict, phase: str) -> None:
                     steps_file.write(json.dumps({**record, "phase": phase} if cfg.refit else record) + "\n")
 
-                heads, result, steps, dev_record, choice = _fit_and_refit(cfg, store, pairs, device, w, log,
-                                                                          write_step, make_source)
+                heads, result, steps, dev_record, choice = _fit_and_refit(
+                    cfg, store, pairs, device, w, log, write_step, make_source
+                )
             corrections = _refit_corrections(cfg, store, heads, pairs, choice, log) if choice is not None else None
             seconds = time.perf_counter() - t0
             final = mean_parts(result.history[-steps:])
             record = training_record(
-                strategy=cfg.strategy, preset=cfg.preset, pairs=len(pairs), pairs_from=pairs.origin,
-                history=result.history, final=final, seconds=seconds, epoch_seconds=result.epoch_seconds,
-                device=str(device), trainable_parameters=heads.parameter_counts()["total"],
-                live=make_source is not None, ranks=w.size, dev=dev_record, adapt=corrections and corrections.summary())
+                strategy=cfg.strategy,
+                preset=cfg.preset,
+                pairs=len(pairs),
+                pairs_from=pairs.origin,
+                history=result.history,
+                final=final,
+                seconds=seconds,
+                epoch_seconds=result.epoch_seconds,
+                device=str(device),
+                trainable_parameters=heads.parameter_counts()["total"],
+                live=make_source is not None,
+                ranks=w.size,
+                dev=dev_record,
+                adapt=corrections and corrections.summary(),
+            )
             if w.main:
                 _write(out, heads, corrections, {"store": store_record(store), "training": record}, cfg, partial)
         except NonFiniteLoss as e:  # its steps stay, for the post-mortem; no heads are written

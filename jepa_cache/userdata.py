@@ -34,7 +34,12 @@ _NEGATIVE = re.compile(r"^negative(_\d+)?$")
 
 def _format(path: Path) -> str:
     name = path.name.lower()
-    for suffixes, kind in (((".jsonl", ".jsonl.gz"), "jsonl"), ((".csv",), "csv"), ((".tsv",), "tsv"), ((".parquet", ".pq"), "parquet")):
+    for suffixes, kind in (
+        ((".jsonl", ".jsonl.gz"), "jsonl"),
+        ((".csv",), "csv"),
+        ((".tsv",), "tsv"),
+        ((".parquet", ".pq"), "parquet"),
+    ):
         if name.endswith(suffixes):
             return kind
     raise UserError(f"{path}: unknown table format; use .jsonl, .csv, .tsv or .parquet")
@@ -93,23 +98,31 @@ def _csv_table(path: Path, delimiter: str) -> tuple[list[str], Iterator[tuple[st
                     if not values or all(not v.strip() for v in values):
                         continue
                     if len(values) != len(header):
-                        raise UserError(f"{path}: {where}: {len(values)} fields, but the header names {len(header)} columns")
+                        raise UserError(
+                            f"{path}: {where}: {len(values)} fields, but the header names {len(header)} columns"
+                        )
                     yield where, dict(zip(header, values))
             except UnicodeDecodeError as e:
                 raise UserError(f"{path}: line {start}: not UTF-8 ({e.reason})") from None
             except csv.Error as e:
-                raise UserError(f"{path}: line {reader.line_num}: not a {'CSV' if delimiter == ',' else 'TSV'} row ({e})") from None
+                raise UserError(
+                    f"{path}: line {reader.line_num}: not a {'CSV' if delimiter == ',' else 'TSV'} row ({e})"
+                ) from None
 
     return header, rows()
 
 
-def _column(path: Path, columns: list[str] | None, row: dict, where: str, candidates: tuple[str, ...], what: str) -> str | None:
+def _column(
+    path: Path, columns: list[str] | None, row: dict, where: str, candidates: tuple[str, ...], what: str
+) -> str | None:
     """The first of `candidates` the table has (None when it has none)."""
     have = columns if columns is not None else list(row)
     found = next((c for c in candidates if c in have), None)
     if found is None and what:
         names = " or ".join(repr(c) for c in candidates)
-        raise UserError(f"{path}: {where if columns is None else 'header'}: no column {names} ({what}); columns: {', '.join(map(str, have))}")
+        raise UserError(
+            f"{path}: {where if columns is None else 'header'}: no column {names} ({what}); columns: {', '.join(map(str, have))}"
+        )
     return found
 
 
@@ -146,7 +159,9 @@ class Records:
         doc_id = record["_id"]
         if doc_id in self.items:
             if self.items[doc_id] != record:
-                raise UserError(f"{origin}: id {doc_id!r} again with a different text (first at {self.seen_at[doc_id]})")
+                raise UserError(
+                    f"{origin}: id {doc_id!r} again with a different text (first at {self.seen_at[doc_id]})"
+                )
             return doc_id
         self.items[doc_id], self.seen_at[doc_id] = record, origin
         self.by_text.setdefault(text, doc_id)
@@ -221,7 +236,9 @@ def split_arg(value: str, option: str) -> tuple[str, Path]:
     if not sep or os.sep in split:
         split, file = "train", value
     if not _SPLIT.match(split):
-        raise UserError(f"{option} {value!r}: split {split!r} must be letters, digits, '.', '_' or '-' (e.g. {option} test=FILE)")
+        raise UserError(
+            f"{option} {value!r}: split {split!r} must be letters, digits, '.', '_' or '-' (e.g. {option} test=FILE)"
+        )
     return split, Path(file)
 
 
@@ -237,8 +254,9 @@ def _check_args(out: Path, corpus: str | None, queries: str | None, pairs: list[
         raise UserError(f"{out}: exists and is not empty; pass --overwrite to replace it")
 
 
-def _read_labels(qrels: list[str], pairs: list[str], docs: Records, qs: Records,
-                 inputs: dict[str, dict]) -> tuple[dict[str, dict[str, dict[str, int]]], dict[str, list[dict]]]:
+def _read_labels(
+    qrels: list[str], pairs: list[str], docs: Records, qs: Records, inputs: dict[str, dict]
+) -> tuple[dict[str, dict[str, dict[str, int]]], dict[str, list[dict]]]:
     """Judgements per split from the qrels and pair files, and hard-negative triples per split; inputs recorded."""
     labels: dict[str, dict[str, dict[str, int]]] = {}
     triples: dict[str, list[dict]] = {}
@@ -247,8 +265,9 @@ def _read_labels(qrels: list[str], pairs: list[str], docs: Records, qs: Records,
         judged = read_qrels(path)
         for qid, row in judged.items():
             if qid not in qs.items:
-                raise UserError(f"{path}: query-id {qid!r} is not in the queries; "
-                                "check the ids (or the --queries file)")
+                raise UserError(
+                    f"{path}: query-id {qid!r} is not in the queries; check the ids (or the --queries file)"
+                )
             for did, score in row.items():
                 if did not in docs.items:
                     raise UserError(f"{path}: corpus-id {did!r} (query {qid!r}) is not in the corpus; check the ids")
@@ -272,24 +291,35 @@ def _write_folder(partial: Path, docs: Records, qs: Records, labels: dict, tripl
     _write_jsonl(partial / "queries.jsonl", qs.items.values())
     (partial / "qrels").mkdir()
     for split, judged in labels.items():
-        lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{s}" for q, row in judged.items()
-                                                 for d, s in row.items()]
+        lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{s}" for q, row in judged.items() for d, s in row.items()]
         (partial / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     for split, rows in triples.items():
         (partial / "pairs").mkdir(exist_ok=True)
         _write_jsonl(partial / "pairs" / f"{split}.jsonl", rows)
-    atomic_write_json(partial / "prepare.json", {
-        "inputs": inputs, "documents": len(docs.items), "queries": len(qs.items),
-        "splits": {s: {"queries": len(j), "judgements": sum(map(len, j.values())),
-                       "triples": len(triples.get(s, []))}
-                   for s, j in labels.items()},
-        "ids": "given ids kept; texts without one: doc-/q- + the first 16 hex digits of the text's sha256",
-    })
+    atomic_write_json(
+        partial / "prepare.json",
+        {
+            "inputs": inputs,
+            "documents": len(docs.items),
+            "queries": len(qs.items),
+            "splits": {
+                s: {"queries": len(j), "judgements": sum(map(len, j.values())), "triples": len(triples.get(s, []))}
+                for s, j in labels.items()
+            },
+            "ids": "given ids kept; texts without one: doc-/q- + the first 16 hex digits of the text's sha256",
+        },
+    )
 
 
-def prepare_data(out: str | os.PathLike, corpus: str | None = None, queries: str | None = None,
-                 qrels: list[str] = (), pairs: list[str] = (), overwrite: bool = False,
-                 log: Callable[[str], None] = print) -> Path:
+def prepare_data(
+    out: str | os.PathLike,
+    corpus: str | None = None,
+    queries: str | None = None,
+    qrels: list[str] = (),
+    pairs: list[str] = (),
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Write `out` as a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv[, pairs/<split>.jsonl]).
 
     Args:
@@ -319,8 +349,13 @@ def prepare_data(out: str | os.PathLike, corpus: str | None = None, queries: str
         os.replace(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    splits = ", ".join(f"{s} {len(j)} queries" + (f" + {len(triples[s])} hard-negative triples" if s in triples else "")
-                       for s, j in labels.items()) or "no labels"
+    splits = (
+        ", ".join(
+            f"{s} {len(j)} queries" + (f" + {len(triples[s])} hard-negative triples" if s in triples else "")
+            for s, j in labels.items()
+        )
+        or "no labels"
+    )
     log(f"{out}: {len(docs.items)} documents, {len(qs.items)} queries; {splits}")
     return out
 
