@@ -303,7 +303,7 @@ CASES = [
          r"made by encoder synthetic-encoder .* but these heads were trained on encoder sha-of-other; use a store of the same encoder"),
     Case("heads of another width than the store", lambda w: _eval(w, "--heads", str(_save_heads(w.root / "narrow-heads", "sha-of-synthetic-encoder", dim=8))),
          r"--heads .*narrow-heads: take 8-d vectors, but .*store holds 16-d ones; use heads trained on a store of this encoder"),
-    Case("heads folder without heads", lambda w: _eval(w, "--heads", str(_not_a_store(w))), r"mine/heads\.json: file not found"),
+    Case("heads folder without heads", lambda w: _eval(w, "--heads", str(_not_a_store(w))), r"mine: holds no heads\.json; pass the folder train-heads wrote"),
     Case("heads.json without its weights record", lambda w: _eval(w, "--heads", str(_heads_json(w, lambda r: r.pop("weights")))),
          r"odd-heads/heads\.json: .*weights"),
     Case("heads.json whose weights file escapes its folder",

@@ -127,7 +127,7 @@ def test_load_refuses_mismatched_or_foreign_files(tmp_path):
     (tmp_path / "other" / "heads.json").write_text('{"format": "something-else"}')
     with pytest.raises(UserError, match="not a jepa-cache heads"):
         load_heads(tmp_path / "other")
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="missing: no such heads folder"):
         load_heads(tmp_path / "missing")
 
 
