@@ -400,7 +400,8 @@ class Runner:
                     record = read_json(corrections / "corrections.json")
                     adapted = {"documents": len(record["doc_ids"]), "seconds": record["record"]["seconds"]}
                 for dataset in r.eval_datasets:
-                    result = self.evaluate(strategy, seed, heads, dataset, encoder, corrections)
+                    own = corrections if dataset == r.train_dataset else None  # elsewhere the base vectors apply
+                    result = self.evaluate(strategy, seed, heads, dataset, encoder, own)
                     one = result["datasets"][dataset]
                     rows.append({
                         "strategy": strategy.name, "kind": strategy.kind, "seed": seed, "dataset": dataset,

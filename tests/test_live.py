@@ -254,6 +254,8 @@ datasets = ["tiny", "other"]
 [[strategies]]
 name = "vanilla"
 [[strategies]]
+name = "nudge"
+[[strategies]]
 name = "full"
 options = {{ {heads}, encoder_lr = 1e-3, encoder_dropout = false }}
 [[strategies]]
@@ -268,7 +270,10 @@ options = {{ {heads}, threshold = 1.01 }}
 """)
     summary = Runner(load_recipe(recipe), runs_dir=tmp_path / "runs", **QUIET).run()
     runs = {(r["strategy"], r["dataset"]): r for r in summary["runs"]}
-    assert len(runs) == 8
+    assert len(runs) == 10
+    # NUDGE-N's corrections apply to the training store only: elsewhere it is vanilla
+    assert runs[("nudge", "tiny")]["corrected_docs"] > 0
+    assert runs[("nudge", "other")]["metrics"] == runs[("vanilla", "other")]["metrics"]
     full = json.loads((tmp_path / "runs" / "tiny-live" / "live").glob("full-s0-*/live.json").__next__().read_text())
     assert full["encoder"]["changed"]
     stores = tmp_path / "runs" / "tiny-live" / "stores"
