@@ -382,7 +382,8 @@ def run(
     Every stage is content-addressed and reused when its inputs are unchanged; the report lands in
     runs/<name>/report.md with results.json and plots.
     """
-    from .pipeline import Runner, load_recipe
+    from .pipeline import Runner
+    from .recipe import load_recipe
 
     Runner(load_recipe(recipe), runs_dir=runs_dir, encode=encode, log=typer.echo).run()
 

@@ -256,7 +256,7 @@ def _plots(root: Path, recipe, by: dict, info: dict, strategies: list[str], data
     # each strategy's documents as its encoder made them;
     # a changed encoder not scored on the training set has no spectrum here
     own_store = {s: (by[(s, recipe.train_dataset)][0]["store"] if (s, recipe.train_dataset) in by
-                     else str(train_store.path) if info[s]["kind"] not in ("full", "hybrid") else None)
+                     else str(train_store.path) if info[s]["strategy"] not in ("full", "hybrid") else None)
                  for s in heads_first}
     spectra, ranks = _spectra(train_store, {s: (path, own_store[s]) for s, path in heads_first.items()
                                             if own_store[s] is not None})
@@ -289,14 +289,14 @@ def write_report(root: Path, recipe, rows: list[dict], stores: dict) -> dict:
     from .files import atomic_write_bytes, atomic_write_json
 
     root.mkdir(parents=True, exist_ok=True)
-    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    strategies = list(dict.fromkeys(r["name"] for r in rows))
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     by = {}
     for r in rows:
-        by.setdefault((r["strategy"], r["dataset"]), []).append(r)
-    baseline = next((r["strategy"] for r in rows if r["kind"] == "vanilla"), None)
+        by.setdefault((r["name"], r["dataset"]), []).append(r)
+    baseline = next((r["name"] for r in rows if r["strategy"] == "vanilla"), None)
     cells = _cells(by, baseline)
-    info = {s: {"kind": by[(s, datasets[0])][0]["kind"],
+    info = {s: {"strategy": by[(s, datasets[0])][0]["strategy"],
                 "trainable_params": by[(s, datasets[0])][0]["trainable_params"],
                 "corrected_docs": by[(s, datasets[0])][0].get("corrected_docs", 0),
                 "train_seconds": float(np.mean([g["train_seconds"] for g in by[(s, datasets[0])]]))}
@@ -307,7 +307,7 @@ def write_report(root: Path, recipe, rows: list[dict], stores: dict) -> dict:
     atomic_write_bytes(root / "report.md", _markdown(recipe, baseline, header, md_rows, ranks).encode())
     summary = {
         "recipe": recipe, "baseline": baseline, "strategies": info, "effective_rank": ranks,
-        "results": [{"strategy": s, "dataset": d,
+        "results": [{"name": s, "dataset": d,
                      **{k: (vars(v) if isinstance(v, PairedDelta) else v) for k, v in c.items()}}
                     for (s, d), c in cells.items()],
         "runs": rows,

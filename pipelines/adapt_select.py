@@ -217,7 +217,7 @@ def rule_strategy(choice: dict):
     A fixed query-weight power is reproduced by train-heads' joint choice only if dev picks that power in
     every seed: `final` checks it after the run and says so when it does not.
     """
-    from jepa_cache.pipeline import Strategy
+    from jepa_cache.recipe import Row
 
     heads, how = choice["heads"], choice["adapt"]
     if heads == "none" and how == "nudge-n/nudge-ft":
@@ -227,14 +227,15 @@ def rule_strategy(choice: dict):
     if heads == "best" and how == JOINT:
         return None
     options = dict(HEADS[heads], adapt="none" if how == "heads-only" else "nudge-n")
-    return Strategy(name="rule-choice", kind="frozen-isotropy", seeds=list(SEEDS), options=options)
+    return Row(name="rule-choice", strategy="frozen-isotropy", seeds=list(SEEDS), options=options)
 
 
 def final() -> None:
     """Score test once: the recipes of both training sets (vanilla, NUDGE-N as published, `best`, the heads alone),
     plus the rule's choice as its own row where the recipe has none."""
     from jepa_cache.files import read_json
-    from jepa_cache.pipeline import Runner, load_recipe
+    from jepa_cache.pipeline import Runner
+    from jepa_cache.recipe import load_recipe
 
     choice = json.loads((OUT / "select.json").read_text())["choice"]
     for name in TRAIN_SETS:
@@ -247,7 +248,7 @@ def final() -> None:
         if len(fixed) == 2 and fixed[0] == "nudge-n/ndcg":
             row = extra.name if extra is not None else "best"
             got = {read_json(Path(r["heads"]) / "heads.json")["training"]["adapt"]["power"]
-                   for r in summary["runs"] if r["strategy"] == row and r["heads"]}
+                   for r in summary["runs"] if r["name"] == row and r["heads"]}
             print(f"{name}: the rule fixed power {fixed[1]}; train-heads' joint choice gave {sorted(got)}"
                   + ("" if got == {float(fixed[1])} else " (not the same recipe: read the row with care)"))
 

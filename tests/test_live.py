@@ -235,7 +235,8 @@ def test_cli_train_live(tiny, tmp_path):
 
 def test_pipeline_runs_the_live_strategies(tiny_model, tmp_path, monkeypatch):
     """A recipe with full and hybrid: train-live, stores built by each fine-tuned encoder, eval, report; then all reused."""
-    from jepa_cache.pipeline import Runner, load_recipe
+    from jepa_cache.pipeline import Runner
+    from jepa_cache.recipe import load_recipe
 
     monkeypatch.chdir(tmp_path)  # the base store goes to data/cache/ under the working directory
     write_beir(tmp_path / "beir" / "tiny")
@@ -264,12 +265,12 @@ preset = "jepa"
 options = {{ {heads}, threshold = 0.0 }}
 [[strategies]]
 name = "hybrid-stopped"
-kind = "hybrid"
+strategy = "hybrid"
 preset = "jepa"
 options = {{ {heads}, threshold = 1.01 }}
 """)
     summary = Runner(load_recipe(recipe), runs_dir=tmp_path / "runs", **QUIET).run()
-    runs = {(r["strategy"], r["dataset"]): r for r in summary["runs"]}
+    runs = {(r["name"], r["dataset"]): r for r in summary["runs"]}
     assert len(runs) == 10
     # NUDGE-N's corrections apply to the training store only: elsewhere it is vanilla
     assert runs[("nudge", "tiny")]["corrected_docs"] > 0

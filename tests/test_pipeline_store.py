@@ -11,7 +11,8 @@ import pytest
 from conftest import write_beir
 from jepa_cache import pipeline
 from jepa_cache.datasets import find_dataset, read_ids
-from jepa_cache.pipeline import Recipe, Runner, Strategy
+from jepa_cache.pipeline import Runner
+from jepa_cache.recipe import Recipe, Row
 from jepa_cache.models import DEFAULT_MODEL, model_folder_name
 from jepa_cache.store import default_store_path
 
@@ -30,7 +31,7 @@ def world(tmp_path, monkeypatch):
         vectors = rng.standard_normal((len(ids), 8)).astype(np.float32)
         np.save(ref / f"{section}.f32.npy", vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
         (ref / f"{section}.ids.txt").write_text("\n".join(ids) + "\n")
-    recipe = Recipe(name="t", train_dataset="tiny", eval_datasets=["tiny"], strategies=[Strategy(name="vanilla", kind="vanilla")])
+    recipe = Recipe(name="t", train_dataset="tiny", eval_datasets=["tiny"], strategies=[Row(name="vanilla", strategy="vanilla")])
     return tmp_path, recipe
 
 
@@ -42,7 +43,7 @@ def test_imported_store_is_where_eval_looks_and_is_reused_without_the_reference(
     assert store.imported and store.path == expected and str(expected) == "data/cache/tiny/all-mpnet-base-v2"
 
     monkeypatch.delenv(pipeline.REFERENCE_ENV)  # a new shell
-    monkeypatch.setattr("jepa_cache.build.build", lambda *a, **k: pytest.fail("would encode instead of reusing the import"))
+    monkeypatch.setattr("jepa_cache.pipeline.build", lambda *a, **k: pytest.fail("would encode instead of reusing the import"))
     runner = Runner(recipe, runs_dir=tmp_path / "runs", log=lambda s: None)
     assert runner.store("tiny").imported and (runner.reused, runner.computed) == (1, 0)
 
@@ -52,6 +53,6 @@ def test_encode_replaces_an_imported_store(world, monkeypatch):
     monkeypatch.setenv(pipeline.REFERENCE_ENV, str(tmp_path / "reference"))
     Runner(recipe, runs_dir=tmp_path / "runs", log=lambda s: None).store("tiny")
     calls = []
-    monkeypatch.setattr("jepa_cache.build.build", lambda cfg, log: calls.append(cfg) or "built")
+    monkeypatch.setattr("jepa_cache.pipeline.build", lambda cfg, log: calls.append(cfg) or "built")
     assert Runner(recipe, runs_dir=tmp_path / "runs", encode=True, log=lambda s: None).store("tiny") == "built"
     assert calls[0].out == "data/cache/tiny/all-mpnet-base-v2" and calls[0].overwrite

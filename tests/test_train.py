@@ -466,7 +466,7 @@ def test_help_shows_every_presets_value():
 
 
 def test_training_on_the_scored_split_needs_allow_test_training(tmp_path):
-    from jepa_cache.pipeline import load_recipe
+    from jepa_cache.recipe import load_recipe
 
     with pytest.raises(UserError, match="--train-split test: that is the split eval scores"):
         resolve_config(TrainConfig(store="", train_split="test"))
