@@ -46,7 +46,8 @@ def runtime_version(backend: str) -> str:
 
 
 def resolve_backend(backend: str, device: torch.device, model=None) -> str:
-    """`auto`: PyTorch on CUDA; on CPU OpenVINO when installed (the fastest exact one here) and `model` converts, else PyTorch."""
+    """`auto`: PyTorch on CUDA; on CPU OpenVINO when installed (the fastest exact one here) and `model` converts,
+    else PyTorch."""
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -109,7 +110,8 @@ def _transformer(model):
         or text.get("method_output_name") not in ("last_hidden_state", ["last_hidden_state"], ("last_hidden_state",))
     ):
         raise UserError(
-            f"{type(first).__name__}: only a Transformer module returning last_hidden_state can be converted; use --backend torch"
+            f"{type(first).__name__}: only a Transformer module returning last_hidden_state can be converted; "
+            "use --backend torch"
         )
     return hf
 

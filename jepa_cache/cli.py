@@ -9,10 +9,10 @@ from typing import Optional
 
 import typer
 
+from .cli_options import BUILD, DATA_DIR_HELP, EVAL, IMPORT, TRAIN_HEADS, TRAIN_LIVE, command, train_live_config
+from .config import BuildConfig, EvalConfig, ImportConfig, LiveConfig, TrainConfig
 from .errors import UserError
 from .models import DEFAULT_MODEL
-from .presets import DEFAULT_PRESET, LIVE_PRESET
-from .presets import by_preset as _by_preset
 
 app = typer.Typer(
     name="jepa-cache",
@@ -24,10 +24,7 @@ app = typer.Typer(
 )
 _state = {"debug": False}
 
-ModelOpt = typer.Option(DEFAULT_MODEL, "--model", help="Hub id (resolved to data/models/ without network) or a local "
-                                                       "sentence-transformers folder.")
-DataDirOpt = typer.Option(None, "--data-dir", help="Folder holding BEIR datasets (default: $JEPA_CACHE_DATA, then "
-                                                   "data/beir/).")
+DataDirOpt = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)
 
 
 @app.callback()
@@ -72,41 +69,17 @@ def prepare_data_cmd(
                  qrels=qrels, pairs=pairs, overwrite=overwrite, log=typer.echo)
 
 
-@app.command()
-def build(
-    dataset: str = typer.Option(..., "--dataset", help="BEIR dataset name (looked up under --data-dir) or folder."),
-    model: str = ModelOpt,
-    out: Optional[Path] = typer.Option(None, "--out", help="Store folder (default data/cache/<dataset>/<model>)."),
-    data_dir: Optional[Path] = DataDirOpt,
-    dtype: str = typer.Option("float16", "--dtype", help="Stored precision: float16 (half the disk) or float32."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Texts per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
-    backend: str = typer.Option("auto", "--backend", help="Encoder runtime: torch, openvino or onnx (CPU; converted "
-                                                          "once, cached beside "
-                                "the model), auto (OpenVINO on CPU when installed, else PyTorch)."),
-    query_prompt: Optional[str] = typer.Option(None, "--query-prompt", help="Text put before each query (default: "
-                                                                            "the model's query "
-                                               "prompt, as encode_query; \"\" for none)."),
-    document_prompt: Optional[str] = typer.Option(None, "--document-prompt", help="Text put before each document "
-                                                                                  "(default: the model's "
-                                                  "document prompt, as encode_document; \"\" for none)."),
-    shard_rows: int = typer.Option(1024, "--shard-rows", help="Rows per shard: the unit of writing and of resume."),
-    chunk_rows: int = typer.Option(128, "--chunk-rows", help="Rows per chunk: the unit of reading."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store at --out that was made differently."),
-) -> None:
+def _build(values: dict) -> None:
     """Encode a dataset's corpus and queries once with a frozen encoder into a Zarr v3 store (resumable).
 
     Under `torchrun --nproc_per_node=N -m jepa_cache build ...` the ranks share the shards (README: Scaling out).
     """
-    from .build import build as run_build
-    from .config import BuildConfig
+    from .build import build
 
-    run_build(BuildConfig(dataset=dataset, model=model, out=str(out) if out else None,
-                          data_dir=str(data_dir) if data_dir else None, dtype=dtype, batch_size=batch_size,
-                          device=device, backend=backend, query_prompt=query_prompt,
-                          document_prompt=document_prompt, shard_rows=shard_rows, chunk_rows=chunk_rows,
-                          overwrite=overwrite),
-              log=typer.echo)
+    build(BuildConfig(**values), log=typer.echo)
+
+
+app.command("build")(command(BUILD, _build, BuildConfig))
 
 
 @app.command()
@@ -123,204 +96,42 @@ def verify(store: str = typer.Argument(..., help="Store folder to check (local: 
     typer.echo(f"{store}: ok")
 
 
-@app.command("import")
-def import_cmd(
-    dataset: str = typer.Option(..., "--dataset", help="BEIR dataset the vectors belong to (ids are checked against "
-                                                       "it)."),
-    corpus: Path = typer.Option(..., "--corpus", help="Document vectors: .npy (float32/float16) or .parquet (id + "
-                                                      "list column)."),
-    queries: Path = typer.Option(..., "--queries", help="Query vectors: .npy or .parquet."),
-    corpus_ids: Optional[Path] = typer.Option(None, "--corpus-ids", help="Document ids, one per line, in row order "
-                                                                         "(default: the Parquet id column)."),
-    query_ids: Optional[Path] = typer.Option(None, "--query-ids", help="Query ids, one per line, in row order "
-                                                                       "(default: the Parquet id column)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="The encoder that made the vectors; its weights are "
-                                                             "fingerprinted when found locally."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Store folder (default data/cache/<dataset>/<model>)."),
-    data_dir: Optional[Path] = DataDirOpt,
-    dtype: str = typer.Option("float16", "--dtype", help="Stored precision: float16 or float32."),
-    id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet id column (default: id, else _id)."),
-    vector_column: Optional[str] = typer.Option(None, "--vector-column", help="Parquet vector column (default: the "
-                                                                              "one list column)."),
-    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise rows that are not unit "
-                                                                            "length (warned); "
-                                   "--no-normalize stores them as given (an error if the declared encoder "
-                                   "normalises)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store at --out made from other vectors."),
-) -> None:
+def _import(values: dict) -> None:
     """Turn precomputed vectors into a store that train-heads and eval use like a built one (marked imported)."""
-    from .config import ImportConfig
     from .importer import import_vectors
 
-    import_vectors(ImportConfig(dataset=dataset, corpus=str(corpus), queries=str(queries),
-                                corpus_ids=str(corpus_ids) if corpus_ids else None,
-                                query_ids=str(query_ids) if query_ids else None,
-                                model=model, out=str(out) if out else None,
-                                data_dir=str(data_dir) if data_dir else None,
-                                dtype=dtype, id_column=id_column, vector_column=vector_column, normalize=normalize,
-                                overwrite=overwrite), log=typer.echo)
+    import_vectors(ImportConfig(**values), log=typer.echo)
 
 
-@app.command("eval")
-def eval_cmd(
-    dataset: list[str] = typer.Option(..., "--dataset", help="Dataset(s) to score; repeat or comma-separate for one "
-                                                             "table."),
-    split: str = typer.Option("test", "--split", help="qrels split to score."),
-    store: Optional[str] = typer.Option(None, "--store", help="Store folder or fsspec URL, e.g. s3://bucket/store "
-                                                              "(one dataset only; default "
-                                                              "data/cache/<dataset>/<model>)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Encoder whose default store to use."),
-    data_dir: Optional[Path] = DataDirOpt,
-    heads: Optional[Path] = typer.Option(None, "--heads", help="Trained heads; without them the base vectors are "
-                                                               "scored (vanilla)."),
-    corrections: Optional[Path] = typer.Option(None, "--corrections", help="Per-document corrections folder "
-                                                                           "(default: the heads' folder when it "
-                                                                           "holds some); applied only to the store "
-                                                                           "they were made for."),
-    query_tower: Optional[str] = typer.Option(None, "--query-tower", help="vanilla | projection | predictor "
-                                                                          "(default: vanilla, or the heads' own "
-                                                                          "tower with --heads)."),
-    similarity: Optional[str] = typer.Option(None, "--similarity", help="cos | l2 (default: cos, or the heads' own)."),
-    index: str = typer.Option("faiss", "--index", help="faiss, or torch (exact matmul, a cross-check)."),
-    faiss_index: str = typer.Option("Flat", "--faiss-index", help="FAISS factory string: Flat (exact), HNSW32, "
-                                                                  "IVF1024,Flat, ..."),
-    faiss_params: Optional[str] = typer.Option(None, "--faiss-params", help="Search parameters of an approximate "
-                                                                            "index, e.g. nprobe=32."),
-    k: int = typer.Option(100, "--k", help="Hits per query (Recall@min(k,100))."),
-    strict: bool = typer.Option(False, "--strict", help="Fail when qrels name absent documents or judged queries "
-                                                        "lack a vector."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default "
-                                                           "runs/eval/<datasets>-<split>-<variant>-...)."),
-    block_rows: Optional[int] = typer.Option(None, "--block-rows", help="Corpus rows searched at a time (default: "
-                                                                        "what fits in 2 GiB)."),
-    device: str = typer.Option("auto", "--device", help="Device for --index torch: auto, cpu, cuda or cuda:N."),
-) -> None:
+app.command("import")(command(IMPORT, _import, ImportConfig))
+
+
+def _eval(values: dict) -> None:
     """Retrieve through FAISS (or torch) and score NDCG@10, Recall@100 and MRR@10 as BEIR/MTEB do."""
     from rich.console import Console
 
-    from .config import EvalConfig
     from .evaluate import evaluate, results_table
 
-    results = evaluate(EvalConfig(datasets=dataset, split=split, store=str(store) if store else None, model=model,
-                                  data_dir=str(data_dir) if data_dir else None, heads=str(heads) if heads else None,
-                                  corrections=str(corrections) if corrections else None,
-                                  query_tower=query_tower, similarity=similarity, index=index, faiss_index=faiss_index,
-                                  faiss_params=faiss_params, k=k, strict=strict, out=str(out) if out else None,
-                                  block_rows=block_rows, device=device), log=typer.echo)
+    results = evaluate(EvalConfig(**values), log=typer.echo)
     Console().print(results_table(results))
     typer.echo(f"results: {results['out']}/results.json")
 
 
-HEADS, LOSS, OPTIM, DATA, SELECT, RUN = (
-    "Heads", "Loss", "Optimisation", "What a step sees", "Selection on dev", "Input and output"
-)
+app.command("eval")(command(EVAL, _eval, EvalConfig))
 
 
-def _opt(flag: str, text: str, panel: str, default=None, field: str | None = None):
-    """An option in a --help panel; `field`: its default comes from the preset (shown per preset)."""
-    by = f" {_by_preset(field)}" if field else ""
-    return typer.Option(default, flag, help=text + by, rich_help_panel=panel)
-
-
-def _config_values(values: dict) -> dict:
-    """Command-line values as config fields: paths as strings."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
-
-
-@app.command("train-heads")
-def train_heads_cmd(
-    store: str = typer.Option(..., "--store", rich_help_panel=RUN, help="Store folder (from build or import) holding "
-                              "the dataset's vectors, or an fsspec URL to read it from (s3://, gs://, https://, ...)."),
-    out: Optional[Path] = _opt("--out", "Heads folder (default "
-                                        "runs/heads/<dataset>/<preset>-<strategy>-s<seed>).", RUN),
-    dataset: Optional[str] = _opt("--dataset", "Dataset for the qrels (name or folder; default: the store's).", RUN),
-    data_dir: Optional[Path] = _opt("--data-dir", "Folder holding BEIR datasets (default: $JEPA_CACHE_DATA, then "
-                                    "data/beir/).", RUN),
-    train_split: str = _opt("--train-split", "qrels split whose (query, document) pairs with score > 0 are trained on.",
-                            RUN, "train"),
-    pairs: Optional[Path] = _opt("--pairs", "Pairs/triples of ids instead of qrels: JSONL or Parquet with query_id, "
-                                 "doc_id[, negative_id].", RUN),
-    max_pairs: Optional[int] = _opt("--max-pairs", "Train on a seeded random subset of this many pairs.", RUN),
-    allow_test_training: bool = _opt("--allow-test-training", "Allow --train-split test, the split eval scores "
-                                     "(results would then be measured on training queries).", RUN, False),
-    preset: str = _opt("--preset", "best (the recipe that beats vanilla: pipelines/ABLATION.md), jepa (PCA 768→512 + "
-                       "predictor, in-batch) or study (the study's heads and loss). Options below override it.",
-                       RUN, DEFAULT_PRESET),
-    seed: int = _opt("--seed", "Seeds the init, the shuffle, dropout and SIGReg's directions.", RUN, 0),
-    device: str = _opt("--device", "auto (CUDA when present), cpu, cuda or cuda:N.", RUN, "auto"),
-    overwrite: bool = _opt("--overwrite", "Replace heads already in --out.", RUN, False),
-    strategy: Optional[str] = _opt("--strategy", "frozen-isotropy (projection only) or frozen-predictor (projection + "
-                                   "JEPA predictor and its predictive term).", HEADS, field="strategy"),
-    output_dim: Optional[int] = _opt("--output-dim", "Width of the heads' output, 0 for the encoder's.", HEADS,
-                                     field="output_dim"),
-    projection: Optional[str] = _opt("--projection", "linear | residual | mlp | adapter (x + Wx, starts at the "
-                                     "identity).", HEADS, field="projection"),
-    predictor: Optional[str] = _opt("--predictor", "With --strategy frozen-predictor: residual | mlp | none.", HEADS,
-                                    field="predictor"),
-    init: Optional[str] = _opt("--init", "Projection init: pca | orthogonal | identity | random.", HEADS, field="init"),
-    dropout: Optional[float] = _opt("--dropout", "Dropout inside the MLPs.", HEADS, field="dropout"),
-    similarity: Optional[str] = _opt("--similarity", "Retrieval similarity recorded in the heads: cos | l2.", HEADS,
-                                     field="similarity"),
-    query_tower: Optional[str] = _opt("--query-tower", "Tower that encodes queries at retrieval: projection | "
-                                      "predictor.", HEADS, field="query_tower"),
-    rank: Optional[int] = _opt("--rank", "--projection adapter: rank of its W, 0 for a full matrix.", HEADS,
-                               field="rank"),
-    contrastive: Optional[str] = _opt("--contrastive", "infonce | triplet.", LOSS, field="contrastive"),
-    isotropy: Optional[str] = _opt("--isotropy", "sigreg | covariance.", LOSS, field="isotropy"),
-    predictive: Optional[str] = _opt("--predictive", "Predictive distance: cosine | mse.", LOSS, field="predictive"),
-    temperature: Optional[float] = _opt("--temperature", "InfoNCE temperature.", LOSS, field="temperature"),
-    margin: Optional[float] = _opt("--margin", "Triplet margin.", LOSS, field="margin"),
-    lambda_predictive: Optional[float] = _opt("--lambda-predictive", "Weight of the predictive term.", LOSS,
-                                              field="lambda_predictive"),
-    lambda_contrastive: Optional[float] = _opt("--lambda-contrastive", "Weight of the contrastive term.", LOSS,
-                                               field="lambda_contrastive"),
-    lambda_isotropy: Optional[float] = _opt("--lambda-isotropy", "Weight of the isotropy term.", LOSS,
-                                            field="lambda_isotropy"),
-    lambda_reg: Optional[float] = _opt("--lambda-reg", "Weight of the variance term.", LOSS, field="lambda_reg"),
-    use_stopgrad: Optional[bool] = _opt("--stopgrad/--no-stopgrad", "Stop the gradient through the predictive target.",
-                                        LOSS, field="use_stopgrad"),
-    directions: Optional[int] = _opt("--directions", "SIGReg random directions per step.", LOSS, field="directions"),
-    epochs: Optional[int] = _opt("--epochs", "Epochs: passes over the pairs or the queries (--sampling); with --select "
-                                 "dev, the most tried.", OPTIM, field="epochs"),
-    batch_size: Optional[int] = _opt("--batch-size", "Pairs per step, the in-batch negatives.", OPTIM,
-                                     field="batch_size"),
-    lr: Optional[float] = _opt("--lr", "AdamW learning rate of the heads.", OPTIM, field="lr"),
-    weight_decay: Optional[float] = _opt("--weight-decay", "AdamW weight decay.", OPTIM, field="weight_decay"),
-    warmup: Optional[float] = _opt("--warmup", "Fraction of steps of linear warm-up before the --schedule.", OPTIM,
-                                   field="warmup"),
-    grad_clip: Optional[float] = _opt("--grad-clip", "Max gradient norm, 0 for none.", OPTIM, field="grad_clip"),
-    schedule: Optional[str] = _opt("--schedule", "Learning rate after the warm-up: cosine | constant.", OPTIM,
-                                   field="schedule"),
-    sampling: Optional[str] = _opt("--sampling", "An epoch is every pair (pairs) or every query with one positive "
-                                   "drawn (queries).", DATA, field="sampling"),
-    negatives: Optional[str] = _opt("--negatives", "batch | corpus (every cached document too) | mined (a FAISS-mined "
-                                    "hard negative too).", DATA, field="negatives"),
-    corpus_negatives: Optional[int] = _opt("--corpus-negatives", "--negatives corpus: documents drawn per step, 0 for "
-                                           "the whole corpus.", DATA, field="corpus_negatives"),
-    mine_k: Optional[int] = _opt("--mine-k", "--negatives mined: nearest non-positive documents kept per query.", DATA,
-                                 field="mine_k"),
-    dev_fraction: Optional[float] = _opt("--dev-fraction", "Seeded fraction of the training queries held out and "
-                                         "scored every epoch.", SELECT, field="dev_fraction"),
-    select: Optional[str] = _opt("--select", "Keep the last epoch, or the one with the best dev NDCG@10 (dev; epoch 0 "
-                                 "= the initial heads).", SELECT, field="select"),
-    refit: Optional[bool] = _opt("--refit/--no-refit", "After --select dev, retrain on all training queries for the "
-                                 "chosen epochs.", SELECT, field="refit"),
-    interpolate: Optional[float] = _opt("--interpolate", "Final heads = initial + this × (trained − initial), "
-                                        "WiSE-FT; 1 keeps them as trained.", SELECT, field="interpolate"),
-    adapt: Optional[str] = _opt("--adapt", "Per-document corrections of the training corpus, saved beside the heads "
-                                "and applied by eval to this store only: nudge-n (its step chosen on the dev slice) or "
-                                "none.", SELECT, field="adapt"),
-) -> None:
+def _train_heads(values: dict) -> None:
     """Train the projection and JEPA predictor on the store's cached vectors (seconds, not an encoder per step).
 
     Under `torchrun --nproc_per_node=N -m jepa_cache train-heads ...` the ranks split each global batch
     (README: Scaling out). Through the encoder (frozen-live, full, hybrid): `jepa-cache train-live`.
     """
-    values = _config_values(locals())  # first: only the options
-    from .config import TrainConfig
     from .train import train
 
     train(TrainConfig(**values), log=typer.echo)
+
+
+app.command("train-heads")(command(TRAIN_HEADS, _train_heads, TrainConfig))
 
 
 @app.command()
@@ -388,67 +199,15 @@ def run(
     Runner(load_recipe(recipe), runs_dir=runs_dir, encode=encode, log=typer.echo).run()
 
 
-@app.command("train-live")
-def train_live_cmd(
-    strategy: str = typer.Option(..., "--strategy", help="full (encoder fine-tuned with the heads), hybrid (heads on "
-                                 "the cache, then the encoder unfrozen if validation allows) or frozen-live (the "
-                                 "frozen encoder run every step: the loop the cache replaces)."),
-    store: Path = typer.Option(..., "--store", rich_help_panel=RUN, help="Store of the training dataset, made by the "
-                               "encoder to start from (pairs, PCA init, phase 1)."),
-    dataset: Optional[str] = _opt("--dataset", "Dataset for the texts and qrels (name or folder; default: the "
-                                  "store's).", RUN),
-    data_dir: Optional[Path] = _opt("--data-dir", "Folder holding BEIR datasets (default: $JEPA_CACHE_DATA, then "
-                                    "data/beir/).", RUN),
-    model: Optional[str] = _opt("--model", "The encoder to start from (default: the one recorded in the store; must "
-                                "match it).", RUN),
-    out: Optional[Path] = _opt("--out", "Output folder (default "
-                                        "runs/live/<dataset>/<strategy>-<preset>-s<seed>).", RUN),
-    train_split: str = _opt("--train-split", "qrels split whose pairs are trained on.", RUN, "train"),
-    pairs: Optional[Path] = _opt("--pairs", "Pairs/triples of ids instead of qrels (JSONL or Parquet).", RUN),
-    max_pairs: Optional[int] = _opt("--max-pairs", "Train on a seeded random subset of this many pairs (quick CPU "
-                                    "runs).", RUN),
-    allow_test_training: bool = _opt("--allow-test-training", "Allow --train-split test, the split eval scores.", RUN,
-                                     False),
-    preset: str = _opt("--preset", "Heads and loss preset, as train-heads: jepa or study; hybrid also takes best (its "
-                       "phase 1 is cached).", HEADS, LIVE_PRESET),
-    output_dim: Optional[int] = _opt("--output-dim", "Width of the heads' output, 0 for the encoder's.", HEADS,
-                                     field="output_dim"),
-    epochs: Optional[int] = _opt("--epochs", "Passes over the pairs (full; hybrid phase 1).", OPTIM, field="epochs"),
-    batch_size: Optional[int] = _opt("--batch-size", "Pairs per step.", OPTIM, field="batch_size"),
-    lr: Optional[float] = _opt("--lr", "Heads' rate with the encoder frozen (frozen-live, hybrid phase 1).", OPTIM,
-                               field="lr"),
-    encoder_lr: float = _opt("--encoder-lr", "full: the encoder's AdamW rate.", OPTIM, 2e-5),
-    head_lr: Optional[float] = _opt("--head-lr", "Heads' rate while the encoder trains (full: 1e-3, the study's; "
-                                    "hybrid phase 2: --lr).", OPTIM),
-    phase2_encoder_lr: float = _opt("--phase2-encoder-lr", "hybrid: the unfrozen encoder's rate in phase 2.",
-                                    OPTIM, 1e-6),
-    phase2_epochs: Optional[int] = _opt("--phase2-epochs", "hybrid: passes in phase 2 (default: --epochs).", OPTIM),
-    threshold: Optional[float] = _opt("--threshold", "hybrid: phase 2 only if phase-1 validation NDCG@10 >= this "
-                                      "(default: only if it beats the vanilla encoder's on the same queries).", SELECT),
-    val_split: str = _opt("--val-split", "hybrid: qrels split to validate on; without it, --val-fraction of the "
-                          "training queries is held out.", SELECT, "dev"),
-    val_fraction: float = _opt("--val-fraction", "hybrid: share of training queries held out (seeded by --val-seed) "
-                               "when there is no --val-split.", SELECT, 0.1),
-    val_seed: int = _opt("--val-seed", "hybrid: seed of the held-out slice (fixed across training seeds).", SELECT, 0),
-    no_dropout: bool = _opt("--no-dropout", "Run the training encoder in eval mode (no dropout; deterministic).", RUN,
-                            False),
-    gradient_checkpointing: bool = _opt("--gradient-checkpointing", "Recompute encoder activations in backward (less "
-                                        "memory, more compute).", RUN, False),
-    seed: int = _opt("--seed", "Seeds the heads' init, the shuffle, dropout and SIGReg's directions.", RUN, 0),
-    device: str = _opt("--device", "auto (CUDA when present), cpu, cuda or cuda:N.", RUN, "auto"),
-    overwrite: bool = _opt("--overwrite", "Replace a result already in --out.", RUN, False),
-) -> None:
+def _train_live(values: dict) -> None:
     """Train through the encoder: full fine-tune, the two-phase hybrid, or the frozen-live reference (same heads, loss
     and loop as train-heads)."""
-    values = _config_values(locals())  # first: only the options
-    from .config import LiveConfig, TrainConfig
     from .live import train_live
 
-    train_fields = ("store", "out", "dataset", "data_dir", "train_split", "pairs", "max_pairs", "allow_test_training",
-                    "preset", "output_dim", "epochs", "batch_size", "lr", "seed", "device", "overwrite")
-    live = {k: v for k, v in values.items() if k not in (*train_fields, "no_dropout")}
-    train_live(LiveConfig(train=TrainConfig(**{k: values[k] for k in train_fields}), encoder_dropout=not no_dropout,
-                          **live), log=typer.echo)
+    train_live(train_live_config(values), log=typer.echo)
+
+
+app.command("train-live")(command(TRAIN_LIVE, _train_live, TrainConfig, LiveConfig))
 
 
 @app.command()

@@ -9,9 +9,9 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .config import EvalConfig, ImportConfig, LiveConfig, TrainConfig
+from .config import LiveConfig, TrainConfig
 from .errors import UserError
 from .files import check_name
 from .live import resolve_live
@@ -213,5 +213,6 @@ def _check_scored_split(path: Path, recipe: Recipe) -> None:
     if (recipe.train_split == recipe.eval_split and recipe.train_dataset in recipe.eval_datasets
             and not recipe.allow_test_training):
         raise UserError(f"{path}: train.split = {recipe.train_split!r} is the split eval scores on "
-                        f"{recipe.train_dataset}, so the table would measure the training queries; train on another split, or set "
+                        f"{recipe.train_dataset}, so the table would measure the training queries; "
+                        "train on another split, or set "
                         "allow_test_training = true under [train] if you mean it")

@@ -1,13 +1,8 @@
 """Your own data as a BEIR folder: corpus, queries and labels from the tables people have.
 
-Inputs (JSONL, CSV/TSV or Parquet, by suffix): a corpus (`_id` or `id`, optional `title`, `text`),
-queries (`_id` or `id`, `text`), and labels as BEIR qrels (`query-id`, `corpus-id`, `score` TSV)
-and/or tables of text pairs in sentence-transformers' training layout (`anchor` or `query`,
-`positive`, optional `negative` / `negative_1`, `negative_2`, ...). Texts that come without an id
-get a stable one, a hash of the text (`doc-…`, `q-…`); a pair's text that equals a corpus document's
-text (or its title + " " + text) or a query is that document or query, so nothing is duplicated. Hard negatives also go to
-`pairs/<split>.jsonl` (query_id, doc_id, negative_id), what `train-heads --pairs` reads.
-Every input is checked before anything is written; a bad row is one line with file, line and column.
+JSONL, CSV/TSV or Parquet in; labels as BEIR qrels or as sentence-transformers' text pairs (README:
+Your own data). Texts without ids get a stable one (a hash of the text), and every input is checked
+before anything is written: a bad row is one line with file, line and column.
 """
 
 from __future__ import annotations
@@ -121,7 +116,8 @@ def _column(
     if found is None and what:
         names = " or ".join(repr(c) for c in candidates)
         raise UserError(
-            f"{path}: {where if columns is None else 'header'}: no column {names} ({what}); columns: {', '.join(map(str, have))}"
+            f"{path}: {where if columns is None else 'header'}: no column {names} ({what}); "
+            f"columns: {', '.join(map(str, have))}"
         )
     return found
 
