@@ -12,12 +12,31 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable
 
+from tqdm.auto import tqdm
+
+from .backends import cached_conversion, load_runtime, resolve_backend, runtime_info
 from .config import BuildConfig
 from .datasets import (
-    CORPUS_TEMPLATE, QUERY_TEMPLATE, BeirDataset, corpus_text, find_dataset, iter_records, query_text, read_ids,
+    CORPUS_TEMPLATE,
+    QUERY_TEMPLATE,
+    BeirDataset,
+    corpus_text,
+    find_dataset,
+    iter_records,
+    query_text,
+    read_ids,
 )
+from .distributed import (
+    barrier,
+    broadcast,
+    gather_to_main,
+    main_lock,
+    on_main,
+    rank_device,
+    world,
+)
+from .encoder import embedding_dim, encode, encoder_info, load_encoder, pick_device
 from .errors import UserError
-from .distributed import barrier, broadcast, gather_to_main, main_lock, on_main, rank_device, world
 from .files import atomic_write_json, check_writable
 from .models import canonical_name, default_prompts, resolve_model, weights_sha256
 from .store import DTYPES, SECTIONS, Store, default_store_path, open_store
@@ -109,9 +128,6 @@ def _already_built(cfg: BuildConfig, w, out: Path, sha: str, prompts: dict, file
 
 def _load_model(cfg: BuildConfig, w, folder: Path, sha: str, log: Callable[[str], None]):
     """The encoder on this rank's device, with its backend and runtime (rank 0 converts once, cached)."""
-    from .backends import cached_conversion, load_runtime, resolve_backend
-    from .encoder import load_encoder, pick_device
-
     device = pick_device(rank_device(cfg.device, w))
     resolve_backend(cfg.backend, device)  # a bad or missing runtime is refused before the model loads
     model = load_encoder(folder, device)
@@ -126,9 +142,6 @@ def _load_model(cfg: BuildConfig, w, folder: Path, sha: str, log: Callable[[str]
 def _provenance(cfg: BuildConfig, dataset: BeirDataset, folder: Path, sha: str, prompts: dict, files: dict,
                 layout: dict, model, backend: str, device) -> dict:
     """The store's provenance: encoder, runtime, dataset files, templates, dim, dtype and layout."""
-    from .backends import runtime_info
-    from .encoder import embedding_dim, encoder_info
-
     name = str(cfg.model) if Path(cfg.model).exists() else canonical_name(cfg.model)
     return {
         "source": "built",
@@ -161,10 +174,6 @@ def _deal_shards(writer: StoreWriter, w, out: Path, device, log: Callable[[str],
 def _encode_shards(writer: StoreWriter, w, mine: set, rows_mine: int, paths: dict[str, Path], name: str,
                    model, runtime, prompts: dict[str, str], batch_size: int) -> dict[tuple[str, int], str]:
     """Stream each section's texts and encode and write this rank's shards; their checksums by shard."""
-    from tqdm.auto import tqdm
-
-    from .encoder import encode
-
     written: dict[tuple[str, int], str] = {}
     with tqdm(total=rows_mine, unit="rows", desc=f"build {name}", dynamic_ncols=True, disable=not w.main) as bar:
         for section in SECTIONS:

@@ -8,13 +8,20 @@ as a win.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
 
+from .files import atomic_write_bytes, atomic_write_json
+from .heads import load_heads
 from .losses import effective_rank
+from .store import open_store
 
 
 @dataclass(frozen=True)
@@ -195,11 +202,6 @@ def _spectra(train_store, heads: dict[str, tuple[str, str]]) -> tuple[dict[str, 
     `heads`: strategy -> (heads path, path of the store its documents come from: the base store for the
     cached strategies, the fine-tuned encoder's own store for full and hybrid).
     """
-    import torch
-
-    from .heads import load_heads
-    from .store import open_store
-
     rows = np.arange(min(train_store.corpus.rows, 4000))
     spectra = {"vanilla": eigen_spectrum(train_store.corpus.vectors(np.float32, rows))}
     for name, (path, store) in heads.items():
@@ -286,8 +288,6 @@ def _markdown(recipe, baseline: str | None, header: list[str], md_rows: list[lis
 
 def write_report(root: Path, recipe, rows: list[dict], stores: dict) -> dict:
     """results.json + report.md + plots under `root`, and the same table on screen."""
-    from .files import atomic_write_bytes, atomic_write_json
-
     root.mkdir(parents=True, exist_ok=True)
     strategies = list(dict.fromkeys(r["name"] for r in rows))
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
@@ -321,15 +321,10 @@ def write_report(root: Path, recipe, rows: list[dict], stores: dict) -> dict:
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], file=None) -> None:
     """A rich table on a terminal; plain Markdown when the output is piped or redirected (never cut at 80 columns)."""
-    import sys
-
     file = file or sys.stdout
     if not file.isatty():
         print(f"{title}\n\n{markdown_table(header, rows)}", file=file)
         return
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=title, show_lines=True)
     for h in header:
         table.add_column(h, justify="left" if h == "strategy" else "right")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -357,8 +358,6 @@ def prepare_data(
 
 
 def _write_jsonl(path: Path, rows) -> None:
-    import json
-
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
