@@ -136,14 +136,8 @@ def _out_folder(cfg: TrainConfig, store: Store) -> Path:
 
 
 def _fit_and_record(
-    cfg: TrainConfig,
-    store: Store,
-    pairs: Pairs,
-    device: torch.device,
-    w: World,
-    log: Callable[[str], None],
-    make_source: SourceFactory | None,
-    partial: Path,
+    cfg: TrainConfig, store: Store, pairs: Pairs, device: torch.device, w: World, log: Callable[[str], None],
+    make_source: SourceFactory | None, partial: Path,
 ) -> tuple[Heads, FitResult, Corrections | None, float, dict]:
     """Fit, each step a line of `partial` (rank 0's), then the corrections dev chose; and the training record."""
     t0 = time.perf_counter()
