@@ -209,7 +209,7 @@ def posthoc(train_ds: str, name: str, seed: int, dev) -> dict:
     from jepa_cache.config import TrainConfig
     from jepa_cache.heads import load_heads
     from jepa_cache.loop import interpolate_heads
-    from jepa_cache.train import build_heads, resolve_config
+    from jepa_cache.resolve import build_heads, resolve_config
 
     folder = OUT / train_ds / f"{name}-s{seed}"
     cache = folder / "posthoc.json"

@@ -21,7 +21,7 @@ from jepa_cache.distributed import World, split_rows
 from jepa_cache.heads import load_heads
 from jepa_cache.store import open_store
 from jepa_cache.store_writer import StoreWriter
-import jepa_cache.train as train_module
+import jepa_cache.refit as refit_module
 from jepa_cache.loop import fit
 from jepa_cache.train import train
 
@@ -110,7 +110,7 @@ def test_two_rank_train_heads_equals_one_process_on_the_same_global_batch(data, 
         initial.append({k: v.detach().clone() for k, v in heads.state_dict().items()})
         return fit(heads, *a, **kw)
 
-    monkeypatch.setattr(train_module, "fit", spy)
+    monkeypatch.setattr(refit_module, "fit", spy)
     train(TrainConfig(**typed, out=str(tmp_path / "one")), **QUIET)
     one, two = load_heads(tmp_path / "one").state_dict(), load_heads(tmp_path / "two").state_dict()
     assert one.keys() == two.keys()

@@ -21,7 +21,8 @@ from jepa_cache.loop import fit
 from jepa_cache.pairs import PairIndex, Pairs, mine_negatives
 from jepa_cache.presets import PRESETS
 from jepa_cache.sources import CachedSource
-from jepa_cache.train import build_criterion, build_heads, resolve_config, train
+from jepa_cache.resolve import build_criterion, build_heads, resolve_config
+from jepa_cache.train import train
 
 QUIET = dict(log=lambda s: None)
 
