@@ -77,7 +77,7 @@ class EvalConfig:
 class TrainConfig:
     """Stage 2: train retrieval heads on a store's cached vectors; the flat settings of the CLI and recipes.
 
-    Fields left None take their value from `preset` (see `PRESETS`); `train.resolve_config` fills
+    Fields left None take their value from `preset` (see `PRESETS`); `resolve.resolve_config` fills
     and checks them, and `group` hands each stage its part (`LossConfig`, `OptimConfig`,
     `DataConfig`, `SelectConfig`; the heads' part becomes a `heads.HeadsConfig`). The
     `config.json` written beside the heads holds every value resolved, so a run can be repeated.

@@ -78,7 +78,7 @@ class JEPAEncoder(nn.Module):
     Args:
         base_model: hub id or local folder (resolved by `models.resolve_model`: a local folder,
             data/models/, then a fetch), or an already loaded SentenceTransformer.
-        heads: heads to wrap (e.g. from `train.build_heads` or `heads.load_heads`); default the
+        heads: heads to wrap (e.g. from `resolve.build_heads` or `heads.load_heads`); default the
             study's: MLP projection dim→2·dim→output_dim and MLP predictor output_dim→2·output_dim→
             output_dim, random init, dropout 0.1, compared by L2.
         freeze_early_layers: freeze the first 4 transformer layers (the study's option).

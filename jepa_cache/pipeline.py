@@ -24,8 +24,9 @@ from .models import DEFAULT_MODEL, model_folder_name, weights_sha256
 from .pairs import qrels_pairs
 from .recipe import LIVE, Recipe, Row
 from .report import write_report
+from .resolve import resolve_config
 from .store import default_store_path, open_store
-from .train import resolve_config, train
+from .train import train
 
 REFERENCE_ENV = "JEPA_CACHE_REFERENCE"
 _NOT_KEYED = ("out", "store", "allow_test_training")  # change no result: not part of a stage's content address

@@ -17,7 +17,7 @@ from .files import check_name
 from .live import resolve_live
 from .models import DEFAULT_MODEL
 from .presets import DEFAULT_PRESET, LIVE_PRESET
-from .train import resolve_config
+from .resolve import resolve_config
 
 STRATEGIES = ("vanilla", "nudge", "frozen-isotropy", "frozen-predictor", "full", "hybrid")
 UNTRAINED = ("vanilla", "nudge")  # no heads: the base vectors, or NUDGE-N's corrections of them as published
