@@ -23,6 +23,8 @@ import torch
 from .errors import UserError
 
 BACKENDS = ("auto", "torch", "openvino", "onnx")
+PRECISIONS = ("auto", "fp32", "bf16")
+_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a tokenizer returns that a transformer takes (some tokenizers add offsets or lengths).
 FEATURES = ("input_ids", "attention_mask", "token_type_ids")
 # backend -> (module to import, distribution whose version is recorded, pyproject extra)
@@ -63,16 +65,33 @@ def resolve_backend(backend: str, device: torch.device, model=None) -> str:
     return backend
 
 
-def precision(backend: str, device: torch.device) -> str:
-    """What the vectors are computed in: PyTorch autocasts on CUDA (bf16, else fp16); everything else is fp32."""
-    if backend == "torch" and device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
+def resolve_precision(requested: str, backend: str, device: torch.device) -> str:
+    """What the vectors are computed in: float32, bfloat16 or float16.
+
+    auto: PyTorch autocasts on CUDA (bf16, else fp16), everything else is fp32; bf16 is refused where
+    the hardware would emulate it (slower than fp32): on the CPU it needs OpenVINO and bf16 instructions.
+    """
+    if requested not in PRECISIONS:
+        raise UserError(f"--precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
+    if requested == "auto":
+        if backend == "torch" and device.type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--precision bf16: {device} has no bf16; use --precision auto (fp16) or fp32")
+    if requested == "bf16" and device.type != "cuda" and (backend != "openvino" or not _ov_bf16()):
+        raise UserError("--precision bf16 on the CPU needs --backend openvino and a CPU with bf16 instructions "
+                        "(AMX or AVX-512 BF16); use --precision fp32")
+    return {"fp32": "float32", "bf16": "bfloat16"}[requested]
 
 
-def runtime_info(backend: str, device: torch.device) -> dict:
+def _ov_bf16() -> bool:
+    return "BF16" in _runtime("openvino").Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def runtime_info(backend: str, precision: str) -> dict:
     """What the store's provenance records of the runtime (not part of its identity: fp32 runtimes agree)."""
-    return {"backend": backend, "version": runtime_version(backend), "precision": precision(backend, device)}
+    return {"backend": backend, "version": runtime_version(backend), "precision": precision}
 
 
 @dataclass
@@ -82,6 +101,12 @@ class Runtime:
     backend: str
     infer: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None  # converted: token embeddings
     inputs: tuple[str, ...] = ()
+    precision: str | None = None  # resolve_precision's answer; None: auto on the model's device
+
+    def autocast(self, device: torch.device):
+        """PyTorch's autocast for this precision (a converted runtime casts inside itself)."""
+        dtype = _AUTOCAST.get(self.precision or resolve_precision("auto", self.backend, device))
+        return torch.autocast(device.type, dtype=dtype, enabled=self.backend == "torch" and dtype is not None)
 
     def __call__(self, model, features: dict[str, Any]) -> torch.Tensor:
         if self.infer is None:
@@ -204,20 +229,23 @@ def cached_conversion(
     return path / _FILES[backend]
 
 
-def load_runtime(model, folder: Path, backend: str, weights_sha256: str, log: Callable[[str], None] = print) -> Runtime:
-    """The runtime that encodes with `model` on `backend` (already resolved), with torch's thread count."""
+def load_runtime(model, folder: Path, backend: str, weights_sha256: str, log: Callable[[str], None] = print,
+                 precision: str | None = None) -> Runtime:
+    """The runtime that encodes with `model` on `backend` and `precision` (both resolved; None: auto), with torch's
+    thread count."""
     if backend == "torch":
-        return TORCH
+        return Runtime("torch", precision=precision)
     module = _runtime(backend)
     names = input_names(model)
     file = cached_conversion(model, folder, backend, weights_sha256, log)
     threads = torch.get_num_threads()
     if backend == "openvino":
-        # f32 explicitly: on CPUs with AMX/AVX512-BF16 OpenVINO would otherwise run in bf16
+        # explicit: on CPUs with AMX/AVX512-BF16 OpenVINO would otherwise run in bf16
+        hint = "bf16" if precision == "bfloat16" else "f32"
         compiled = module.Core().compile_model(
             str(file),
             "CPU",
-            {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"},
+            {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"},
         )
         request = compiled.create_infer_request()
 
@@ -231,4 +259,4 @@ def load_runtime(model, folder: Path, backend: str, weights_sha256: str, log: Ca
         def infer(arrays: dict[str, np.ndarray]) -> np.ndarray:
             return session.run(None, arrays)[0]
 
-    return Runtime(backend, infer, names)
+    return Runtime(backend, infer, names, precision)

@@ -14,7 +14,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .backends import cached_conversion, load_runtime, resolve_backend, runtime_info
+from .backends import cached_conversion, load_runtime, resolve_backend, resolve_precision, runtime_info
 from .config import BuildConfig
 from .datasets import (
     CORPUS_TEMPLATE,
@@ -76,6 +76,7 @@ def _existing(out: Path, wanted: dict) -> Store | None:
         "dataset files": (p.get("dataset") or {}).get("files"),
         "dtype": p.get("dtype"),
         "layout": p.get("layout"),
+        "precision": (p.get("runtime") or {}).get("precision"),
     }
     differ = [k for k in wanted if wanted[k] != found[k]]
     if differ:
@@ -122,6 +123,8 @@ def _already_built(cfg: BuildConfig, w, out: Path, sha: str, prompts: dict, file
     """Rank 0's summary of `out` when it already holds this build, finished, shared with every rank."""
     wanted = {"source": "built", "weights_sha256": sha, "prompts": prompts if any(prompts.values()) else None,
               "dataset files": files, "dtype": cfg.dtype, "layout": layout}
+    if cfg.precision != "auto":  # auto takes what the device gave (bf16 autocast on CUDA)
+        wanted["precision"] = {"fp32": "float32", "bf16": "bfloat16"}.get(cfg.precision, cfg.precision)
     # rank 0 looks and every rank follows, so that no rank returns while the others wait
     return on_main(w, lambda: _complete_summary(out, wanted))
 
@@ -129,24 +132,25 @@ def _already_built(cfg: BuildConfig, w, out: Path, sha: str, prompts: dict, file
 def _load_model(cfg: BuildConfig, w, folder: Path, sha: str, log: Callable[[str], None]):
     """The encoder on this rank's device, with its backend and runtime (rank 0 converts once, cached)."""
     device = pick_device(rank_device(cfg.device, w))
-    resolve_backend(cfg.backend, device)  # a bad or missing runtime is refused before the model loads
+    # a bad or missing runtime, or a precision it cannot run, is refused before the model loads
+    resolve_precision(cfg.precision, resolve_backend(cfg.backend, device), device)
     model = load_encoder(folder, device)
     backend = resolve_backend(cfg.backend, device, model)
     if backend != "torch":
         # rank 0 converts (once; cached)
         on_main(w, lambda: cached_conversion(model, folder, backend, sha, log) and None)
-    runtime = load_runtime(model, folder, backend, sha, log)
-    return device, model, backend, runtime
+    runtime = load_runtime(model, folder, backend, sha, log, resolve_precision(cfg.precision, backend, device))
+    return device, model, runtime
 
 
 def _provenance(cfg: BuildConfig, dataset: BeirDataset, folder: Path, sha: str, prompts: dict, files: dict,
-                layout: dict, model, backend: str, device) -> dict:
+                layout: dict, model, runtime) -> dict:
     """The store's provenance: encoder, runtime, dataset files, templates, dim, dtype and layout."""
     name = str(cfg.model) if Path(cfg.model).exists() else canonical_name(cfg.model)
     return {
         "source": "built",
         "encoder": encoder_info(model, folder, name, sha, prompts),
-        "runtime": runtime_info(backend, device),
+        "runtime": runtime_info(runtime.backend, runtime.precision),
         "dataset": {"name": dataset.name, "path": str(dataset.root.resolve()), "files": files},
         "template": {"corpus": CORPUS_TEMPLATE, "queries": QUERY_TEMPLATE},
         "dim": embedding_dim(model),
@@ -218,8 +222,8 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
         log(f"{out}: already complete ({done}); nothing to do")
         return open_store(out)
 
-    device, model, backend, runtime = _load_model(cfg, w, folder, sha, log)
-    provenance = _provenance(cfg, dataset, folder, sha, prompts, files, layout, model, backend, device)
+    device, model, runtime = _load_model(cfg, w, folder, sha, log)
+    provenance = _provenance(cfg, dataset, folder, sha, prompts, files, layout, model, runtime)
     with main_lock(out, "build", w):
         on_main(w, lambda: _prepare_store(out, provenance, ids, cfg))  # rank 0: the one writer of the store's metadata
         writer = StoreWriter(out)
@@ -241,5 +245,5 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
         rate = rows_todo / seconds if seconds > 0 else float("nan")
         ranks = f" x {w.size} ranks" if w.distributed else ""
         log(f"{out}: {store.corpus.rows} docs + {store.queries.rows} queries; encoded {rows_todo} rows "
-            f"in {seconds:.1f} s ({rate:.1f} rows/s) on {device} with {backend}{ranks}")
+            f"in {seconds:.1f} s ({rate:.1f} rows/s) on {device} with {runtime.backend} ({runtime.precision}){ranks}")
         return store

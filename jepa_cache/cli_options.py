@@ -61,6 +61,9 @@ BUILD = (
     Flag("device", _DEVICE, _ALL, "auto"),
     Flag("backend", "Encoder runtime: torch, openvino or onnx (CPU; converted once, cached beside the model), auto "
          "(OpenVINO on CPU when installed, else PyTorch).", _ALL, "auto"),
+    Flag("precision", "What the encoder computes in: auto (fp32 on the CPU, exactly SentenceTransformer.encode; "
+         "bf16 autocast on CUDA), fp32, or bf16 (on the CPU through OpenVINO with AMX / AVX-512 BF16: ~3× faster, "
+         "vectors within cosine 0.9998; README: Faster builds).", _ALL, "auto"),
     Flag("query_prompt", "Text put before each query (default: the model's query prompt, as encode_query; \"\" for "
          "none).", _ALL),
     Flag("document_prompt", "Text put before each document (default: the model's document prompt, as "

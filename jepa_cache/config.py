@@ -22,6 +22,7 @@ class BuildConfig:
     batch_size: int = 32
     device: str = "auto"
     backend: str = "auto"  # torch | openvino | onnx | auto (PyTorch on CUDA; OpenVINO on CPU when installed)
+    precision: str = "auto"  # auto (bf16/fp16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (CPU: OpenVINO, AMX)
     query_prompt: str | None = None  # prepended to each query; None: the model's own (encode_query's)
     document_prompt: str | None = None  # prepended to each document; None: the model's own (encode_document's)
     shard_rows: int = DEFAULT_SHARD_ROWS

@@ -1,9 +1,10 @@
-"""Frozen encoding: exactly what `SentenceTransformer.encode` computes, with less padding.
+"""Frozen encoding: what `SentenceTransformer.encode` computes (exactly, in fp32), with less padding.
 
 Texts are tokenized once (after their prompt, as `encode(prompt=...)` prepends it), sorted by their
 true token counts (within the window the caller hands us, e.g. one shard, so a build can stream),
-padded per batch, run under `inference_mode` (autocast bf16/fp16 on CUDA, fp32 on CPU) by PyTorch
-or a converted runtime (backends.py), and put back in input order.
+padded per batch, run under `inference_mode` in the runtime's precision (default: bf16/fp16
+autocast on CUDA, fp32 on CPU) by PyTorch or a converted runtime (backends.py), and put back in
+input order.
 """
 
 from __future__ import annotations
@@ -69,13 +70,6 @@ def embedding_dim(model) -> int:
     return int(getter())
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
-
-
 def tokenize(model, texts: Sequence[str], prompt: str = "") -> dict[str, list[list[int]]]:
     """Token ids of every text (after `prompt`), unpadded, truncated to the model's max_seq_length as ST does."""
     enc = model.tokenizer(
@@ -117,7 +111,7 @@ def encode(
     extra = {"prompt_length": prompt_length(model, prompt)} if prompt else {}
     lengths = np.fromiter(map(len, enc["input_ids"]), dtype=np.int64, count=len(texts))
     order = np.argsort(-lengths, kind="stable")  # longest first, like ST: a too-large batch fails at once
-    with _autocast(device):
+    with runtime.autocast(device):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = model.tokenizer.pad({k: [v[i] for i in idx] for k, v in enc.items()}, return_tensors="pt")

@@ -139,14 +139,59 @@ def test_auto_is_openvino_on_cpu_when_installed_else_torch(tiny_model, monkeypat
         backends.resolve_backend("onnx", torch.device("cuda"))
 
 
-def test_precision_is_recorded(monkeypatch):
+def test_precision_is_resolved(monkeypatch):
     import torch
 
-    assert backends.precision("torch", torch.device("cpu")) == "float32"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert backends.resolve_precision("auto", "torch", cpu) == "float32"
+    assert backends.resolve_precision("auto", "openvino", cpu) == "float32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert backends.precision("torch", torch.device("cuda")) == "bfloat16"  # the build's autocast on CUDA
+    assert backends.resolve_precision("auto", "torch", cuda) == "bfloat16"  # the build's autocast on CUDA
+    assert backends.resolve_precision("fp32", "torch", cuda) == "float32"
+    assert backends.resolve_precision("bf16", "torch", cuda) == "bfloat16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert backends.precision("torch", torch.device("cuda")) == "float16"
+    assert backends.resolve_precision("auto", "torch", cuda) == "float16"
+    with pytest.raises(UserError, match=r"--precision bf16: cuda has no bf16; use --precision auto \(fp16\) or fp32"):
+        backends.resolve_precision("bf16", "torch", cuda)
+    for backend in ("torch", "onnx"):  # PyTorch and ONNX Runtime would emulate bf16 on the CPU
+        with pytest.raises(UserError, match=r"--precision bf16 on the CPU needs --backend openvino"):
+            backends.resolve_precision("bf16", backend, cpu)
+    with pytest.raises(UserError, match=r"--precision 'int8': choose one of auto, fp32, bf16"):
+        backends.resolve_precision("int8", "torch", cpu)
+
+
+def test_autocast_follows_the_precision():
+    import torch
+
+    cpu = torch.device("cpu")
+    with backends.Runtime("torch").autocast(cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    with backends.Runtime("torch", precision="bfloat16").autocast(cpu):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    with backends.Runtime("openvino", precision="bfloat16").autocast(cpu):  # casts inside its own graph
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def _ov_bf16() -> bool:
+    return importlib.util.find_spec("openvino") is not None and backends._ov_bf16()
+
+
+@pytest.mark.skipif(not _ov_bf16(), reason="needs OpenVINO and a CPU with bf16 instructions (AMX / AVX-512 BF16)")
+def test_a_bf16_build_is_close_to_fp32_and_says_so(model_copy, tiny_beir, tmp_path):
+    reference = build(cfg(tiny_beir, model_copy, tmp_path / "fp32", backend="openvino"), log=quiet)
+    store = build(cfg(tiny_beir, model_copy, tmp_path / "bf16", backend="openvino", precision="bf16"), log=quiet)
+    assert store.provenance["runtime"]["precision"] == "bfloat16"
+    assert reference.provenance["runtime"]["precision"] == "float32"
+    for section in ("corpus", "queries"):
+        a, b = reference.section(section).vectors(), store.section(section).vectors()
+        cosine = (a * b).sum(1)
+        # close, and really computed in bf16: beyond the 1e-5 within which the fp32 runtimes agree
+        assert cosine.min() > 0.999 and np.abs(a - b).max() > 1e-5
+    assert store.fingerprint != reference.fingerprint  # other vectors: another content address
+    assert store.encoder_fingerprint == reference.encoder_fingerprint  # one encoder: heads apply to both
+    # an fp32 request does not silently reuse the bf16 store
+    with pytest.raises(UserError, match=r"holds a store made differently \(precision differ\)"):
+        build(cfg(tiny_beir, model_copy, tmp_path / "bf16", backend="openvino", precision="fp32"), log=quiet)
 
 
 @pytest.mark.parametrize("backend", CONVERTED)
