@@ -143,7 +143,8 @@ def prepare(cfg: EvalConfig, run: Resolved, log: Callable[[str], None]) -> list[
 def _prepare(dataset: BeirDataset, cfg: EvalConfig, run: Resolved, log: Callable[[str], None]) -> Prepared:
     """Read the qrels, open and check the store, count what the qrels name that is not there.
 
-    What is missing is warned; --strict refuses it.
+    Qrels naming documents absent from the corpus count as misses, a judged query without a vector
+    scores 0; both are warned (and reported in results.json), and --strict refuses them.
     """
     t0 = time.perf_counter()
     name, heads = dataset.name, run.heads

@@ -1,14 +1,10 @@
 """Stage 3: store (+ heads) -> index -> top-k -> pytrec_eval, for one or more datasets in one table.
 
-Vanilla evaluation puts the store's vectors straight into the index and needs neither torch nor
-heads. With heads, documents go through the projection and queries through the projection or
-projection + predictor (`query_tower`); the heads refuse a store of another encoder. Conventions
-follow BEIR/MTEB (see metrics.py): only judged queries are searched, a hit whose id equals the
-query id is dropped (k+1 are retrieved so k remain), qrels naming documents absent from the corpus
-count as misses and are reported, a judged query without a vector scores 0 and is reported.
-
-Outputs in `out/`: results.json (written last and atomically: it exists only for a finished run),
-and per dataset `<name>/per_query.parquet`, `<name>/run.parquet`, `<name>/run.trec`.
+Vanilla evaluation needs neither torch nor heads; with heads, documents go through the projection and
+queries through the projection or projection + predictor (`query_tower`). As in BEIR/MTEB (metrics.py),
+only judged queries are searched and a hit whose id equals the query id is dropped (k+1 are retrieved so k
+remain). The run's inputs are checked in eval_inputs.py and its per-dataset files written by
+eval_outputs.py; results.json is written here, last and atomically: it exists only for a finished run.
 """
 
 from __future__ import annotations
@@ -37,7 +33,7 @@ BLOCK_BYTES = 2 << 30  # corpus held at once as float32; larger corpora are sear
 
 def _apply(fn: Callable, x: np.ndarray, *args) -> np.ndarray:
     """Run a heads tower on a block of float32 vectors (CPU tensors in, numpy out)."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (only evaluation with heads needs torch)
 
     with torch.inference_mode():
         return fn(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), *args).float().cpu().numpy()
@@ -75,6 +71,8 @@ def _vectors(
 
 @dataclass
 class _Searched:
+    """One dataset's search: what ran, what it found, and how close an approximate index came to exact."""
+
     spec: str  # "torch" or the FAISS factory string
     hits: Hits
     run: dict[str, list[tuple[str, float]]]
