@@ -18,6 +18,7 @@ import functools
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -51,8 +52,6 @@ def _zarr():
 
 
 def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for pkg in ("jepa-cache", "torch", "sentence-transformers", "transformers", "zarr", "numpy"):
         try:
@@ -264,24 +263,7 @@ def open_store(
         expect_encoder: encoder fingerprint the caller was built for (e.g. recorded in heads).
         require_complete: refuse a store whose build has not finished.
     """
-    if is_url(path):  # read from any filesystem fsspec knows; building and importing stay local (POSIX)
-        path = str(path).rstrip("/")
-        try:
-            import fsspec  # noqa: PLC0415
-
-            fs, root = fsspec.core.url_to_fs(path)
-            found = fs.exists(f"{root}/zarr.json")
-        except (ImportError, ValueError) as e:
-            raise UserError(
-                f"{path}: cannot read this URL ({e}); install the fsspec backend it needs (e.g. s3fs, gcsfs)"
-            ) from None
-    else:
-        path = Path(path)
-        found = (path / "zarr.json").is_file()
-    if not found:
-        raise UserError(
-            f"{path}: not a jepa-cache store (no zarr.json); build one with `jepa-cache build` or `jepa-cache import`"
-        )
+    path = _locate(path)
     zarr = _zarr()
     try:
         group = zarr.open_group(store=str(path), mode="r")
@@ -304,13 +286,42 @@ def open_store(
     if expect_dim is not None and store.dim != expect_dim:
         raise UserError(f"{path}: vectors are {store.dim}-d but {expect_dim}-d are expected (different encoder?)")
     if expect_encoder is not None and store.encoder_fingerprint != expect_encoder:
-        if store.encoder_fingerprint.split("+")[0] == expect_encoder.split("+")[0]:
-            raise UserError(
-                f"{path}: encoded with prompts {store.provenance['encoder'].get('prompts') or 'none'}, but these heads were "
-                "trained on vectors encoded with other prompts; use a store built with the same --query-prompt / --document-prompt"
-            )
-        raise UserError(
-            f"{path}: made by encoder {store.provenance['encoder']['name']} ({store.encoder_fingerprint[:12]}), "
-            f"but these heads were trained on encoder {expect_encoder[:12]}; use a store of the same encoder"
-        )
+        _refuse_encoder(store, expect_encoder)
     return store
+
+
+def _locate(path: str | os.PathLike) -> str | Path:
+    """The store's path (a URL without its trailing slash, else a Path), refused when it holds no zarr.json."""
+    if is_url(path):  # read from any filesystem fsspec knows; building and importing stay local (POSIX)
+        path = str(path).rstrip("/")
+        try:
+            import fsspec  # noqa: PLC0415  (only URLs need it)
+
+            fs, root = fsspec.core.url_to_fs(path)
+            found = fs.exists(f"{root}/zarr.json")
+        except (ImportError, ValueError) as e:
+            raise UserError(
+                f"{path}: cannot read this URL ({e}); install the fsspec backend it needs (e.g. s3fs, gcsfs)"
+            ) from None
+    else:
+        path = Path(path)
+        found = (path / "zarr.json").is_file()
+    if not found:
+        raise UserError(
+            f"{path}: not a jepa-cache store (no zarr.json); build one with `jepa-cache build` or `jepa-cache import`"
+        )
+    return path
+
+
+def _refuse_encoder(store: Store, expected: str) -> None:
+    """A store of another encoder than the heads': say whether only the prompts differ."""
+    if store.encoder_fingerprint.split("+")[0] == expected.split("+")[0]:
+        raise UserError(
+            f"{store.path}: encoded with prompts {store.provenance['encoder'].get('prompts') or 'none'}, "
+            "but these heads were trained on vectors encoded with other prompts; "
+            "use a store built with the same --query-prompt / --document-prompt"
+        )
+    raise UserError(
+        f"{store.path}: made by encoder {store.provenance['encoder']['name']} ({store.encoder_fingerprint[:12]}), "
+        f"but these heads were trained on encoder {expected[:12]}; use a store of the same encoder"
+    )
