@@ -177,8 +177,8 @@ def _train_through_encoder(cfg: LiveConfig, store: Store, pairs: Pairs, folder: 
             bar.set_postfix_str(f"loss {record['loss']:.4f}", refresh=False)
 
         result = fit(model.heads, build_criterion(tcfg.group(LossConfig), tcfg.seed),
-                     EncoderSource(model, query_texts, doc_texts, prompts), index, optimizer, optim, data, seed=tcfg.seed,
-                     on_step=on_step, log=log)
+                     EncoderSource(model, query_texts, doc_texts, prompts), index, optimizer, optim, data,
+                     seed=tcfg.seed, on_step=on_step, log=log)
     return model.eval(), result, trainable
 
 

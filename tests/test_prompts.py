@@ -126,8 +126,8 @@ def test_stores_and_heads_of_other_prompts_are_refused(tiny_model, tiny_beir, tm
 # ---------------------------------------------------------------------------------------------
 # train-live: each side encoded live after the store's prompts
 
-LIVE = dict(preset="jepa", output_dim=8, projection_hidden=16, predictor_hidden=16, batch_size=4, epochs=2, device="cpu",
-            lr=1e-3, grad_clip=0.0, seed=5)
+LIVE = dict(preset="jepa", output_dim=8, projection_hidden=16, predictor_hidden=16, batch_size=4, epochs=2,
+            device="cpu", lr=1e-3, grad_clip=0.0, seed=5)
 STORE_PROMPTS = {"query": "search: ", "document": PROMPTS["document"]}  # the query side overrides the model's
 
 
@@ -175,7 +175,8 @@ def test_train_live_encodes_each_side_with_the_stores_prompts(include_prompt, ti
         for section in ("queries", "corpus"):
             assert np.abs(got[section] - store.section(section).vectors()).max() < 1e-5, (name, section)
             assert np.abs(got[section] - ref[section]).max() < 1e-5, (name, section)
-            assert np.abs(got[section] - plain[section]).max() > 1e-3, (name, section)  # the prompt reached the tokenizer
+            # the prompt reached the tokenizer
+            assert np.abs(got[section] - plain[section]).max() > 1e-3, (name, section)
 
     cached = train(TrainConfig(store=str(store.path), dataset=str(tiny_beir), out=str(tmp_path / "cached"), **LIVE),
                    log=quiet)
@@ -240,8 +241,9 @@ def test_heads_trained_live_refuse_stores_of_other_prompts_in_one_line(prompted_
     frozen = live(store, dataset, tmp_path / "frozen", "frozen-live")
     base = store.provenance["encoder"]["path"]
     for heads, model in ((full.out, full.encoder), (frozen.out, base)):
-        other = build(cfg(dataset, model, tmp_path / f"other-{heads.name}", query_prompt=""), log=quiet)
-        with pytest.raises(UserError, match=r"encoded with prompts .*'passage: '.*other prompts") as err:
+        other = build(cfg(dataset, model, tmp_path / f"other-{heads.name}", query_prompt="", document_prompt=""),
+                      log=quiet)
+        with pytest.raises(UserError, match=r"encoded with prompts none, but these heads .* other prompts") as err:
             evaluate(EvalConfig(datasets=[str(dataset)], store=str(other.path), heads=str(heads),
                                 out=str(tmp_path / "e")), log=quiet)
         assert "\n" not in str(err.value)
