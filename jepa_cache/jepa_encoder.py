@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .encoder import embedding_dim, encode, load_encoder, pick_device, tokenize
+from .encoder import embedding_dim, encode, load_encoder, pick_device, prompt_length, tokenize
 from .errors import UserError
 from .heads import Heads, HeadsConfig
 from .models import DEFAULT_MODEL, resolve_model
@@ -129,18 +129,20 @@ class JEPAEncoder(nn.Module):
             self.base.eval()
         return self
 
-    def embed(self, texts: str | Sequence[str]) -> Tensor:
+    def embed(self, texts: str | Sequence[str], prompt: str = "") -> Tensor:
         """The encoder's L2-normalised vectors (what a store holds); with autograd unless the base is frozen.
 
-        Tokenized as `encoder.encode` tokenizes (truncated to max_seq_length), padded to the
-        longest text of the call, run under bf16 autocast on CUDA where supported.
+        Tokenized as `encoder.encode` tokenizes (after `prompt`, truncated to max_seq_length), padded
+        to the longest text of the call, run under bf16 autocast on CUDA where supported.
 
         Shape:
             returns [len(texts), dim] float32
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
-        batch = self.base.tokenizer.pad(tokenize(self.base, texts), return_tensors="pt")
+        batch = self.base.tokenizer.pad(tokenize(self.base, texts, prompt), return_tensors="pt")
         features = {k: v.to(self.device) for k, v in batch.items()}
+        if prompt:  # pooling that excludes the prompt needs its length, as encoder.encode gives it
+            features["prompt_length"] = prompt_length(self.base, prompt)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_base), training_autocast(self.device):
             emb = self.base(features)["sentence_embedding"]
         return F.normalize(emb.float(), dim=-1)

@@ -1,9 +1,10 @@
 """Stage 2 through the encoder (`train-live`): frozen-live, full fine-tune and the two-phase hybrid.
 
 Every strategy reuses the cached stage's heads, loss and loop (train.py, loop.py); only the
-embedding source (sources.py) and the optimizer's parameter groups change. A changed encoder is
-saved as a plain sentence-transformers folder (`out/encoder`) whose weights' sha256 the heads
-record, so eval accepts these heads only with stores that encoder builds.
+embedding source (sources.py) and the optimizer's parameter groups change. Texts are encoded after
+the prompts the store recorded. A changed encoder is saved as a plain sentence-transformers folder
+(`out/encoder`) that carries those prompts, and whose weights' sha256 (with the prompts) the heads
+record, so eval accepts these heads only with stores that encoder builds with those prompts.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from .jepa_encoder import JEPAEncoder
 from .loop import DevSet, FitResult, fit, mean_parts
 from .models import weights_sha256
 from .pairs import PairIndex, Pairs, load_pairs, same_id_rows
-from .sources import EncoderSource, frozen_live_source, live_encoder_folder, store_texts
-from .store import Store, open_store
+from .sources import EncoderSource, frozen_live_source, live_encoder_folder, store_prompts, store_texts
+from .store import Store, encoder_fingerprint, open_store
 from .train import (CONFIG_FILE, STEPS_FILE, TrainResult, build_criterion, build_heads, default_out, resolve_config,
                     store_record, train, training_record, with_width)
 
@@ -163,8 +164,10 @@ def _train_through_encoder(cfg: LiveConfig, store: Store, pairs: Pairs, folder: 
     data = dataclasses.replace(tcfg.group(DataConfig), negatives="batch")
     steps = epochs * math.ceil(index.items(data.sampling) / optim.batch_size)
     mode = "train mode, dropout on" if cfg.encoder_dropout else "eval mode, no dropout"
+    prompts = store_prompts(store)
     log(f"{describe(heads)}\nencoder {folder}: trainable at lr {encoder_lr:g} ({mode}"
-        f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}); heads at lr {cfg.head_lr:g}; "
+        f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}"
+        f"{f', prompts {prompts}' if any(prompts.values()) else ''}); heads at lr {cfg.head_lr:g}; "
         f"{trainable:,} trainable parameters; {len(pairs):,} pairs, {epochs} {data.sampling} epoch(s) × "
         f"{steps // epochs} steps of {optim.batch_size}, in-batch negatives, {optim.schedule} lr, on {device}")
     model.train()
@@ -174,8 +177,8 @@ def _train_through_encoder(cfg: LiveConfig, store: Store, pairs: Pairs, folder: 
             bar.set_postfix_str(f"loss {record['loss']:.4f}", refresh=False)
 
         result = fit(model.heads, build_criterion(tcfg.group(LossConfig), tcfg.seed),
-                     EncoderSource(model, query_texts, doc_texts), index, optimizer, optim, data, seed=tcfg.seed,
-                     on_step=on_step, log=log)
+                     EncoderSource(model, query_texts, doc_texts, prompts), index, optimizer, optim, data,
+                     seed=tcfg.seed, on_step=on_step, log=log)
     return model.eval(), result, trainable
 
 
@@ -226,9 +229,14 @@ def _frozen_live(cfg: LiveConfig, store: Store, out: Path, log: Callable[[str], 
     return train(dataclasses.replace(tcfg, out=str(out)), log=log, make_source=make_source)
 
 
-def _save_encoder(model: JEPAEncoder, out: Path) -> tuple[Path, str]:
-    """Save the base as a sentence-transformers folder, whole or not at all; returns it and its weights' sha256."""
+def _save_encoder(model: JEPAEncoder, out: Path, prompts: dict[str, str]) -> tuple[Path, str]:
+    """Save the base as a sentence-transformers folder, whole or not at all; returns it and its weights' sha256.
+
+    The folder carries `prompts` as its `query` and `document` prompts, which `encode_query` /
+    `encode_document` (and build's defaults) pick first; the model's other prompts stay.
+    """
     final = out / ENCODER_DIR
+    model.base.prompts = {**model.base.prompts, **prompts}
     with atomic_dir(final, replace=True) as partial:
         model.base.save(str(partial), create_model_card=False)
     return final, weights_sha256(final)
@@ -236,11 +244,12 @@ def _save_encoder(model: JEPAEncoder, out: Path) -> tuple[Path, str]:
 
 def _save(cfg: LiveConfig, store: Store, done: _Trained, out: Path, device: torch.device, seconds: float) -> dict:
     """Heads, their config, steps and (when it changed) the encoder; returns heads.json["training"]."""
-    store_meta = store_record(store)
+    store_meta, prompts = store_record(store), store_prompts(store)
     if done.model is not None:
-        encoder, sha = _save_encoder(done.model, out)
-        store_meta = {"path": None, "fingerprint": None, "encoder_fingerprint": sha, "encoder": str(encoder),
-                      "dataset": store.dataset_name, "imported": False, "trained_from": store_meta}
+        encoder, sha = _save_encoder(done.model, out, prompts)
+        store_meta = {"path": None, "fingerprint": None, "encoder_fingerprint": encoder_fingerprint(sha, prompts),
+                      "encoder": str(encoder), "prompts": prompts, "dataset": store.dataset_name, "imported": False,
+                      "trained_from": store_meta}
     last_epoch = [r for r in done.history if r["epoch"] == done.history[-1]["epoch"]]
     pairs = load_pairs(done.train_cfg, store)
     record = training_record(
@@ -290,7 +299,7 @@ def train_live(cfg: LiveConfig, log: Callable[[str], None] = print) -> TrainResu
         "strategy": cfg.strategy, "config": cfg, "validation": record["validation"], "seconds": round(seconds, 3),
         "trainable_parameters": record["trainable_parameters"], "steps": len(history), "finished": record["finished"],
         "encoder": {"path": str(encoder), "changed": changed, "base": str(folder),
-                    "weights_sha256": weights_sha256(encoder)},
+                    "weights_sha256": weights_sha256(encoder), "prompts": store_prompts(store)},
     })
     log(f"train-live {cfg.strategy}: {seconds:.1f} s; heads: {out}"
         + (f"; fine-tuned encoder: {encoder}" if changed else ""))

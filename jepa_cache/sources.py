@@ -19,6 +19,8 @@ from .errors import UserError
 from .models import resolve_model, weights_sha256
 from .store import Store, check_dataset
 
+NO_PROMPTS = {"query": "", "document": ""}
+
 
 class EmbeddingSource(Protocol):
     """Where a batch's encoder vectors come from; rows are local indices (see `PairIndex`)."""
@@ -49,59 +51,65 @@ class CachedSource:
 class FrozenLiveSource:
     """Encoder vectors computed from text at every call; rows index `query_texts` / `doc_texts`.
 
-    Encodes with the very code that built the store (`encoder.encode`: eval mode, no autograd), so
-    trained with the same seed it gives the cached loop's trajectory at the speed of the encoder.
+    Encodes with the very code that built the store (`encoder.encode`: eval mode, no autograd, each
+    side after its prompt), so trained with the same seed it gives the cached loop's trajectory at
+    the speed of the encoder.
 
     Shape:
         rows [B] int64 -> [B, dim] float32 on the rows' device
     """
 
-    def __init__(self, model, query_texts: Sequence[str], doc_texts: Sequence[str], batch_size: int = 32):
+    def __init__(self, model, query_texts: Sequence[str], doc_texts: Sequence[str], batch_size: int = 32,
+                 prompts: dict[str, str] | None = None):
         self.model = model.eval()
         self.query_texts = list(query_texts)
         self.doc_texts = list(doc_texts)
         self.batch_size = batch_size
+        self.prompts = prompts or NO_PROMPTS
 
-    def _encode(self, texts: list[str], rows: Tensor) -> Tensor:
-        vectors = encode(self.model, [texts[i] for i in rows.tolist()], self.batch_size)
+    def _encode(self, texts: list[str], rows: Tensor, prompt: str) -> Tensor:
+        vectors = encode(self.model, [texts[i] for i in rows.tolist()], self.batch_size, prompt=prompt)
         return torch.from_numpy(vectors).to(rows.device)
 
     def queries(self, rows: Tensor) -> Tensor:
-        return self._encode(self.query_texts, rows)
+        return self._encode(self.query_texts, rows, self.prompts["query"])
 
     def documents(self, rows: Tensor) -> Tensor:
-        return self._encode(self.doc_texts, rows)
+        return self._encode(self.doc_texts, rows, self.prompts["document"])
 
 
 class EncoderSource:
     """An embedding source for `loop.fit` that runs a `JEPAEncoder`'s base on the batch's texts.
 
     With a trainable base the vectors carry autograd, so `fit`'s optimizer updates the encoder too.
+    Each side is encoded after its prompt, as the store was.
 
     Shape:
         rows [B] int64 -> [B, dim] float32 on the model's device
     """
 
-    def __init__(self, model, query_texts: Sequence[str], doc_texts: Sequence[str]):
+    def __init__(self, model, query_texts: Sequence[str], doc_texts: Sequence[str],
+                 prompts: dict[str, str] | None = None):
         self.model = model
         self.query_texts = list(query_texts)
         self.doc_texts = list(doc_texts)
+        self.prompts = prompts or NO_PROMPTS
 
     def queries(self, rows: Tensor) -> Tensor:
-        return self.model.embed([self.query_texts[i] for i in rows.tolist()])
+        return self.model.embed([self.query_texts[i] for i in rows.tolist()], prompt=self.prompts["query"])
 
     def documents(self, rows: Tensor) -> Tensor:
-        return self.model.embed([self.doc_texts[i] for i in rows.tolist()])
+        return self.model.embed([self.doc_texts[i] for i in rows.tolist()], prompt=self.prompts["document"])
+
+
+def store_prompts(store: Store) -> dict[str, str]:
+    """The prompts the store's vectors were encoded after, per side ("" for none), as build recorded them."""
+    return NO_PROMPTS | (store.provenance["encoder"].get("prompts") or {})
 
 
 def live_encoder_folder(model: str | None, store: Store) -> Path:
     """The encoder folder for live training: `model`, else the one the store records; it must be the store's."""
     recorded = store.provenance["encoder"]
-    if recorded.get("prompts"):  # NOT DONE: the live encoders run without prompts; refuse rather than mix
-        raise UserError(
-            f"{store.path}: built with prompts {recorded['prompts']}; train-live does not apply prompts yet, "
-            "so it would train on other vectors than the store's: use train-heads (cached) with this store"
-        )
     local = recorded.get("path") if recorded.get("path") and Path(recorded["path"]).exists() else None
     name = model or local or recorded["name"]
     folder = resolve_model(name)
@@ -148,8 +156,10 @@ def frozen_live_source(
     batch_size: int = 32,
     log: Callable[[str], None] = print,
 ) -> FrozenLiveSource:
-    """Load the store's encoder (or `model`, which must be it) and the texts of the given store rows."""
+    """Load the store's encoder (or `model`, which must be it), the texts of the given store rows and its prompts."""
     folder = live_encoder_folder(model, store)
     query_texts, doc_texts = store_texts(store, dataset, data_dir, query_rows, doc_rows)
-    log(f"live: encoder {folder} on {device}, {len(query_texts):,} query and {len(doc_texts):,} document texts")
-    return FrozenLiveSource(load_encoder(folder, device), query_texts, doc_texts, batch_size)
+    prompts = store_prompts(store)
+    log(f"live: encoder {folder} on {device}, {len(query_texts):,} query and {len(doc_texts):,} document texts"
+        + (f", prompts {prompts}" if any(prompts.values()) else ""))
+    return FrozenLiveSource(load_encoder(folder, device), query_texts, doc_texts, batch_size, prompts)

@@ -14,6 +14,7 @@ from jepa_cache.errors import UserError
 from jepa_cache.heads import load_heads
 from jepa_cache.live import JEPAEncoder, _save_encoder, train_live
 from jepa_cache.models import weights_sha256
+from jepa_cache.sources import NO_PROMPTS
 from jepa_cache.store import open_store
 from jepa_cache.train import train
 
@@ -134,7 +135,7 @@ def test_fine_tuned_encoder_reloads_and_round_trips_through_build_and_eval(tiny,
     model(texts).square().mean().backward()
     optimizer.step()
     model.eval()
-    folder, sha = _save_encoder(model, tmp_path)
+    folder, sha = _save_encoder(model, tmp_path, NO_PROMPTS)
     reloaded = SentenceTransformer(str(folder), device="cpu").encode(texts, normalize_embeddings=True, convert_to_numpy=True)
     with torch.no_grad():
         np.testing.assert_allclose(reloaded, model.embed(texts).numpy(), atol=1e-5)
