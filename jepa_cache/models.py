@@ -122,6 +122,15 @@ def local_folder_name(full: str) -> str:
     return full.replace("/", "__")
 
 
+def converted_dir(folder: Path) -> Path:
+    """Where files derived from the model in `folder` (converted runtimes) go: `<folder>.converted` beside it,
+    or under data/models/ for a snapshot in the Hugging Face cache (huggingface_hub's layout, not ours)."""
+    repo = folder.parent.parent.name
+    if folder.parent.name == "snapshots" and repo.startswith("models--"):
+        return models_dir() / f"{local_folder_name(repo.removeprefix('models--').replace('--', '/'))}.converted"
+    return folder.parent / f"{folder.name}.converted"
+
+
 def resolve_model(name: str, fetch: bool = True) -> Path:
     """A local folder for `name` (a folder path, or a hub id), fetching it when missing."""
     path = Path(name).expanduser()

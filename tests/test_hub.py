@@ -115,6 +115,7 @@ def hub(tmp_path, monkeypatch):
     # huggingface_hub reads these once, at import (and conftest sets HF_HUB_OFFLINE=1 for the rest of the suite)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv(models.MODELS_ENV, str(tmp_path / "models"))
     yield server
     server.httpd.shutdown()
@@ -144,6 +145,24 @@ def test_a_model_in_the_hugging_face_cache_is_used_without_network(hub, tiny_mod
     assert models.fetch_model("org/tiny") == snapshot
     assert hub.requests == [] and not (tmp_path / "models").exists()
     assert models.weights_sha256(snapshot) == models.weights_sha256(tiny_model)  # the same fingerprint as the folder
+
+
+def test_a_cached_model_builds_under_its_name_and_converts_outside_the_cache(hub, tiny_model, tmp_path, monkeypatch):
+    """Stores are filed under the model's name (not the snapshot's commit); conversions go to data/models/."""
+    from conftest import write_beir
+    from jepa_cache.backends import converted_path
+    from jepa_cache.build import build
+    from jepa_cache.config import BuildConfig
+
+    snapshot = put_in_cache(tmp_path / "hf" / "hub", "org/tiny", tiny_model)
+    data = write_beir(tmp_path / "tiny", n_docs=8, n_queries=4)
+    monkeypatch.chdir(tmp_path)
+    store = build(BuildConfig(dataset=str(data), model="org/tiny", dtype="float32", backend="torch", shard_rows=8,
+                              chunk_rows=8), log=lambda s: None)
+    assert store.path.resolve() == (tmp_path / "data" / "cache" / "tiny" / "org__tiny").resolve()
+    assert store.provenance["encoder"]["weights_sha256"] == models.weights_sha256(tiny_model)
+    assert converted_path(snapshot, "onnx", "x").parent == tmp_path / "models" / "org__tiny.converted"
+    assert hub.requests == []
 
 
 def test_a_download_fetches_only_what_the_folder_loads_into_the_cache(hub, tiny_model, tmp_path):
