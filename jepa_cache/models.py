@@ -197,7 +197,7 @@ def _verify(folder: Path, known: KnownModel | None) -> None:
         raise UserError(f"{folder}: fetched files are not a sentence-transformers folder")
     if known and known.sha256:
         weights = weights_file(folder)
-        blob = weights.resolve().name  # in the Hugging Face cache: named by its sha256, checked when downloaded
+        blob = weights.resolve().name  # in the Hugging Face cache: named by the hub's sha256 (hub.check_blobs)
         got = blob if re.fullmatch(r"[0-9a-f]{64}", blob) else sha256_file(weights)
         if got != known.sha256:
             raise UserError(f"{weights}: sha256 {got} does not match the expected {known.sha256}; refusing it")
