@@ -28,6 +28,7 @@ ST_FILES = (
     "pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json",
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_TODO = "; check the network (or HF_ENDPOINT), or pass a local model folder"
 
 
 def endpoint() -> str | None:
@@ -65,7 +66,7 @@ def download(repo: str) -> Path:
     except (HfHubHTTPError, LocalEntryNotFoundError) as e:
         raise _one_line(repo, where, e) from None
     except Exception as e:  # noqa: BLE001 - the transport's own error (its class depends on the version)
-        raise UserError(f"{_name(where)}: unreachable ({type(e).__name__}: {_first_line(e)})") from None
+        raise UserError(f"{_name(where)}: unreachable ({type(e).__name__}: {_first_line(e)}){_TODO}") from None
     check_blobs(folder)
     return folder
 
@@ -103,5 +104,5 @@ def _one_line(repo: str, where: str | None, e: Exception) -> UserError:
         return UserError(f"{repo}: no such model on {hub} (or a private one: set HF_TOKEN); check the name")
     if isinstance(e, LocalEntryNotFoundError):  # no answer, or HF_HUB_OFFLINE=1, and not in the cache
         cause = e.__cause__ or e.__context__
-        return UserError(f"{hub}: unreachable ({_first_line(cause) if cause else 'offline'})")
+        return UserError(f"{hub}: unreachable ({_first_line(cause) if cause else 'offline'}){_TODO}")
     return UserError(f"{repo}: {hub} answered {_first_line(e)}")
