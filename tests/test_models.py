@@ -21,15 +21,17 @@ def test_names_resolve_to_local_folders_without_network(tmp_path, monkeypatch, t
     assert models.resolve_model("org/mine") == tmp_path / "org__mine"
     assert models.resolve_model(str(tiny_model)) == tiny_model
     assert models.weights_sha256(tiny_model) == sha256_file(tiny_model / "model.safetensors")
-    with pytest.raises(UserError, match=r"model 'org/absent' is not in .*jepa-cache fetch-model org/absent"):
+    absent = r"model 'org/absent' is not in .* nor in the Hugging Face cache; run `jepa-cache fetch-model org/absent`"
+    with pytest.raises(UserError, match=absent):
         models.resolve_model("org/absent", fetch=False)
 
 
 def test_a_known_model_with_other_weights_is_refused(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv(models.MODELS_ENV, str(tmp_path))
     shutil.copytree(tiny_model, tmp_path / "pinned")
     monkeypatch.setitem(models.KNOWN, "org/pinned", models.KnownModel(folder="pinned", sha256="0" * 64))
     with pytest.raises(UserError, match="does not match the expected 0000"):
-        models.fetch_model("org/pinned", dest_root=tmp_path)
+        models.fetch_model("org/pinned")
 
 
 def test_broken_model_folders(tmp_path, tiny_model):
