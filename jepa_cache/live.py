@@ -21,21 +21,35 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import DataConfig, LiveConfig, LossConfig, OptimConfig, TrainConfig
+from .corrections import remove as remove_corrections
+from .datasets import read_qrels, recorded_dataset
 from .distributed import world
-from .datasets import recorded_dataset, read_qrels
 from .encoder import load_encoder, pick_device
 from .errors import UserError
 from .files import atomic_dir, atomic_write_bytes, atomic_write_json, exclusive_lock
-from .corrections import remove as remove_corrections
 from .heads import Heads, describe, save_heads
 from .jepa_encoder import JEPAEncoder
 from .loop import DevSet, FitResult, fit, mean_parts
 from .models import weights_sha256
 from .pairs import PairIndex, Pairs, load_pairs, same_id_rows
-from .sources import EncoderSource, frozen_live_source, live_encoder_folder, store_prompts, store_texts
+from .resolve import build_criterion, build_heads, resolve_config, with_width
+from .sources import (
+    EncoderSource,
+    frozen_live_source,
+    live_encoder_folder,
+    store_prompts,
+    store_texts,
+)
 from .store import Store, encoder_fingerprint, open_store
-from .train import (CONFIG_FILE, STEPS_FILE, TrainResult, build_criterion, build_heads, default_out, resolve_config,
-                    store_record, train, training_record, with_width)
+from .train import (
+    CONFIG_FILE,
+    STEPS_FILE,
+    TrainResult,
+    default_out,
+    store_record,
+    train,
+    training_record,
+)
 
 STRATEGIES = ("full", "hybrid", "frozen-live")
 DEFAULT_LIVE_DIR = Path("runs/live")

@@ -28,7 +28,7 @@ from .heads import META_FILE, Heads, save_heads
 from .loop import FitResult, NonFiniteLoss, format_parts, mean_parts
 from .pairs import Pairs, load_pairs
 from .refit import SourceFactory, fit_and_refit, refit_corrections
-from .resolve import build_criterion, build_heads, resolve_config, with_width  # noqa: F401 (build_*: for live.py)
+from .resolve import resolve_config, with_width
 from .store import Store, now_iso, open_store
 
 DEFAULT_HEADS_DIR = Path("runs/heads")
