@@ -52,7 +52,8 @@ _ALL = "Options"  # typer's own panel: the commands with few options have one
 
 BUILD = (
     Flag("dataset", "BEIR dataset name (looked up under --data-dir) or folder.", _ALL, ...),
-    Flag("model", "Hub id (found in data/models/ or the Hugging Face cache, else fetched) or a local sentence-transformers folder.",
+    Flag("model", "Hub id (found in data/models/ or the Hugging Face cache, else fetched) or a local "
+         "sentence-transformers folder.",
          _ALL, DEFAULT_MODEL),
     Flag("out", _STORE_OUT, _ALL),
     Flag("data_dir", DATA_DIR_HELP, _ALL),
