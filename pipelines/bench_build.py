@@ -3,8 +3,8 @@
 Same model object, same texts (a fixed, evenly spaced subset of a BEIR corpus), same batch size,
 same device. The sides are plain `SentenceTransformer.encode` (PyTorch fp32: the peer), our
 `jepa_cache.encoder.encode` with PyTorch, and ours with each converted backend installed (OpenVINO,
-ONNX Runtime; CPU only). They are interleaved block by block (`--block` texts; the order rotates
-every block), so drift in what else the machine is doing hits all sides alike; each side's time is
+ONNX Runtime; CPU only), and OpenVINO in bf16 where the CPU has bf16 instructions (`--precision
+bf16`). They are interleaved block by block (`--block` texts; the order rotates every block), so drift in what else the machine is doing hits all sides alike; each side's time is
 the sum over blocks. Every side's output is checked against the peer's (minimum cosine).
 
     python pipelines/bench_build.py                          # real all-mpnet-base-v2, 500 SciFact docs, CPU, 1 and 2 threads
@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from jepa_cache.errors import UserError
 
 
 def random_mpnet(dest: Path, tokenizer_from: Path | None) -> Path:
@@ -111,17 +113,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--block", type=int, default=100, help="texts per interleaved block (each side encodes the same block in turn)")
     parser.add_argument("--threads", default="1,2", help="comma-separated torch/runtime thread counts (CPU)")
-    parser.add_argument("--backends", default="openvino,onnx", help="converted backends to include when installed (CPU)")
+    parser.add_argument("--backends", default=None, help="our sides, each BACKEND[:PRECISION] (build's --backend and "
+                        "--precision; default: torch,openvino,onnx,openvino:bf16 on the CPU, torch,torch:fp32 on CUDA); "
+                        "one the machine lacks is skipped, with the reason")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--fiqa-sized", action="store_true", help="57,638 SciFact/NFCorpus documents instead of --docs of --dataset")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for utilisation (default: by name)")
     args = parser.parse_args()
 
-    import importlib.util
-
     import torch
 
-    from jepa_cache.backends import TORCH, load_runtime, runtime_version
+    from jepa_cache.backends import load_runtime, resolve_backend, resolve_precision, runtime_version
     from jepa_cache.encoder import encode, load_encoder, pick_device, tokenize
     from jepa_cache.models import resolve_model, weights_sha256
 
@@ -131,8 +133,16 @@ def main() -> None:
     folder = random_mpnet(Path(tmp.name), tokenizer_source()) if args.model == "random-mpnet" else resolve_model(args.model)
     model = load_encoder(folder, device)
     sha = weights_sha256(folder)
-    backends = [b for b in args.backends.split(",") if b and device.type == "cpu"
-                and importlib.util.find_spec({"openvino": "openvino", "onnx": "onnxruntime"}[b]) is not None]
+    default = "torch,openvino,onnx,openvino:bf16" if device.type == "cpu" else "torch,torch:fp32"
+    specs = {}  # side name -> (backend, resolved precision)
+    for spec in (args.backends or default).split(","):
+        backend, _, precision = spec.partition(":")
+        try:
+            resolve_backend(backend, device)
+            specs[spec] = (backend, resolve_precision(precision or "auto", backend, device))
+        except UserError as e:
+            print(f"skipping {spec}: {e}", flush=True)
+    backends = sorted({backend for backend, _ in specs.values()} - {"torch"})
     threads = [int(t) for t in args.threads.split(",")] if device.type == "cpu" else [torch.get_num_threads()]
     weights = "random weights, mpnet's config" if args.model == "random-mpnet" else "real weights"
     tokens = sum(len(ids) for ids in tokenize(model, texts)["input_ids"])
@@ -153,7 +163,8 @@ def main() -> None:
 
     for n_threads in threads:
         torch.set_num_threads(n_threads)
-        runtimes = {"torch": TORCH} | {b: load_runtime(model, folder, b, sha, log=lambda s: print(s, flush=True)) for b in backends}
+        runtimes = {spec: load_runtime(model, folder, backend, sha, lambda s: print(s, flush=True), precision)
+                    for spec, (backend, precision) in specs.items()}
         sides = {"plain": lambda block: model.encode(block, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True)}
         if half is not None:
             sides["plain_fp16"] = lambda block: half.encode(block, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True)
@@ -194,8 +205,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from jepa_cache.errors import UserError
-
     try:
         main()
     except UserError as e:
