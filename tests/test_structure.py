@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle among jepa_cache modules (function-level imports included)."""
+"""The package's shape: no import cycle among jepa_cache modules (function-level imports included), and no
+module, function or line over the sizes that keep each file about one job."""
 
 import ast
 from pathlib import Path
@@ -65,3 +66,44 @@ def test_the_cycle_finder_sees_function_level_and_relative_imports(tmp_path):
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     (pkg / "c.py").write_text("import os\n")
     assert find_cycle(import_graph(pkg)) is None
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_LINE_CHARS = 400, 60, 120  # issue 14: one room, one job
+
+
+def size_problems(package: Path = PACKAGE) -> list[str]:
+    """Modules, functions and lines over the limits, as `file: what`."""
+    problems = []
+    for path in sorted(package.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        if len(lines) > MAX_MODULE_LINES:
+            problems.append(f"{path.name}: {len(lines)} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    problems.append(f"{path.name}: {node.name} is {length} lines")
+        problems += [f"{path.name}:{i}: {len(line)} characters" for i, line in enumerate(lines, 1)
+                     if len(line) > MAX_LINE_CHARS]
+    return problems
+
+
+def test_modules_functions_and_lines_stay_small():
+    problems = size_problems()
+    assert not problems, "split these by job (README: Where things are):\n" + "\n".join(problems)
+
+
+def test_the_size_check_sees_each_kind_of_excess(tmp_path):
+    pkg = tmp_path / "jepa_cache"
+    pkg.mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (pkg / "long_function.py").write_text(f"def f():\n{body}\n")
+    (pkg / "long_module.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    (pkg / "long_line.py").write_text("x = '" + "a" * MAX_LINE_CHARS + "'\n")
+    (pkg / "fine.py").write_text("def f():\n    return 1\n")
+    assert size_problems(pkg) == [
+        "long_function.py: f is 61 lines",
+        "long_line.py:1: 126 characters",
+        f"long_module.py: {MAX_MODULE_LINES + 1} lines",
+    ]
