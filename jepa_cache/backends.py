@@ -26,6 +26,7 @@ from .models import converted_dir
 
 BACKENDS = ("auto", "torch", "openvino", "onnx")
 PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --precision -> what the store records
 _AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a tokenizer returns that a transformer takes (some tokenizers add offsets or lengths).
 FEATURES = ("input_ids", "attention_mask", "token_type_ids")
@@ -84,7 +85,7 @@ def resolve_precision(requested: str, backend: str, device: torch.device) -> str
     if requested == "bf16" and device.type != "cuda" and (backend != "openvino" or not _ov_bf16()):
         raise UserError("--precision bf16 on the CPU needs --backend openvino and a CPU with bf16 instructions "
                         "(AMX or AVX-512 BF16); use --precision fp32")
-    return {"fp32": "float32", "bf16": "bfloat16"}[requested]
+    return PRECISION_DTYPES[requested]
 
 
 def _ov_bf16() -> bool:

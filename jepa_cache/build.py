@@ -14,7 +14,9 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .backends import cached_conversion, load_runtime, resolve_backend, resolve_precision, runtime_info
+from .backends import (
+    PRECISION_DTYPES, PRECISIONS, cached_conversion, load_runtime, resolve_backend, resolve_precision, runtime_info,
+)
 from .config import BuildConfig
 from .datasets import (
     CORPUS_TEMPLATE,
@@ -51,6 +53,8 @@ def check_options(cfg: BuildConfig) -> None:
         raise UserError(f"--batch-size {cfg.batch_size}: must be a positive integer")
     if cfg.dtype not in DTYPES:
         raise UserError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if cfg.shard_rows <= 0 or cfg.chunk_rows <= 0 or cfg.shard_rows % cfg.chunk_rows:
         raise UserError(
             f"--shard-rows {cfg.shard_rows} must be a positive multiple of --chunk-rows {cfg.chunk_rows}"
@@ -61,7 +65,16 @@ def _paths(dataset: BeirDataset) -> dict[str, Path]:
     return {"corpus": dataset.corpus_path, "queries": dataset.queries_path}
 
 
-def _existing(out: Path, wanted: dict) -> Store | None:
+def _precision_fits(requested: str, runtime: dict | None) -> bool:
+    """Whether a store's runtime is what `--precision requested` makes: auto takes fp32 and CUDA's autocast,
+    never an explicit CPU bf16 store; stores from before runtimes were recorded are fp32."""
+    backend, precision = (runtime or {}).get("backend"), (runtime or {}).get("precision") or "float32"
+    if requested == "auto":
+        return precision == "float32" or backend == "torch"
+    return precision == PRECISION_DTYPES[requested]
+
+
+def _existing(out: Path, wanted: dict, precision: str = "auto") -> Store | None:
     """The store already at `out`, refused early (before the model loads) if it was made differently."""
     if not (out / "zarr.json").is_file():
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -76,18 +89,19 @@ def _existing(out: Path, wanted: dict) -> Store | None:
         "dataset files": (p.get("dataset") or {}).get("files"),
         "dtype": p.get("dtype"),
         "layout": p.get("layout"),
-        "precision": (p.get("runtime") or {}).get("precision"),
     }
     differ = [k for k in wanted if wanted[k] != found[k]]
+    if p.get("source") == "built" and not _precision_fits(precision, p.get("runtime")):
+        differ.append("precision")
     if differ:
         raise UserError(f"{out}: holds a store made differently ({', '.join(differ)} differ); "
                         "choose another --out, or pass --overwrite to replace it")
     return existing
 
 
-def _complete_summary(out: Path, wanted: dict) -> str | None:
+def _complete_summary(out: Path, wanted: dict, precision: str) -> str | None:
     """"N docs, M queries" when `out` already holds this build, finished; None when there is work to do."""
-    existing = _existing(out, wanted)
+    existing = _existing(out, wanted, precision)
     if existing and existing.complete:
         return f"{existing.corpus.rows} docs, {existing.queries.rows} queries"
     return None
@@ -112,8 +126,8 @@ def _prepare_store(out: Path, provenance: dict, ids: dict, cfg: BuildConfig) -> 
         now = provenance["runtime"]
         if (began["backend"], began["precision"]) != (now["backend"], now["precision"]):
             raise UserError(f"{out}: this build began with --backend {began['backend']} ({began['precision']}); "
-                            f"resume it with the same, or pass --overwrite to start again with "
-                            f"{now['backend']} ({now['precision']})")
+                            f"resume it with the same --backend and --precision, or pass --overwrite to start "
+                            f"again with {now['backend']} ({now['precision']})")
     if not writer.provenance.get("complete"):
         writer.remove_partial_files()
         atomic_write_json(out / "build_config.json", cfg)
@@ -123,10 +137,8 @@ def _already_built(cfg: BuildConfig, w, out: Path, sha: str, prompts: dict, file
     """Rank 0's summary of `out` when it already holds this build, finished, shared with every rank."""
     wanted = {"source": "built", "weights_sha256": sha, "prompts": prompts if any(prompts.values()) else None,
               "dataset files": files, "dtype": cfg.dtype, "layout": layout}
-    if cfg.precision != "auto":  # auto takes what the device gave (bf16 autocast on CUDA)
-        wanted["precision"] = {"fp32": "float32", "bf16": "bfloat16"}.get(cfg.precision, cfg.precision)
     # rank 0 looks and every rank follows, so that no rank returns while the others wait
-    return on_main(w, lambda: _complete_summary(out, wanted))
+    return on_main(w, lambda: _complete_summary(out, wanted, cfg.precision))
 
 
 def _load_model(cfg: BuildConfig, w, folder: Path, sha: str, log: Callable[[str], None]):

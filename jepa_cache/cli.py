@@ -9,7 +9,15 @@ from typing import Optional
 
 import typer
 
-from .cli_options import BUILD, DATA_DIR_HELP, EVAL, IMPORT, TRAIN_HEADS, TRAIN_LIVE, command, train_live_config
+from .cli_options import (
+    BUILD,
+    DATA_DIR_HELP,
+    EVAL,
+    IMPORT,
+    TRAIN_HEADS,
+    TRAIN_LIVE,
+    command,
+)
 from .config import BuildConfig, EvalConfig, ImportConfig, LiveConfig, TrainConfig
 from .errors import UserError
 from .models import DEFAULT_MODEL
@@ -205,7 +213,7 @@ def _train_live(values: dict) -> None:
     and loop as train-heads)."""
     from .live import train_live
 
-    train_live(train_live_config(values), log=typer.echo)
+    train_live(LiveConfig.from_flat(values), log=typer.echo)
 
 
 app.command("train-live")(command(TRAIN_LIVE, _train_live, TrainConfig, LiveConfig))

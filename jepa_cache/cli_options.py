@@ -1,20 +1,19 @@
 """The stage commands' options (build, import, eval, train-heads, train-live), one per config field.
 
-A flag is its field's name with dashes and has its field's type, so each setting has one spelling
-in the configs, the command line and the recipes; where the preset gives the default, --help
-shows each preset's value, and train's many options come in panels.
+A flag is its field's name with dashes (a few keep an older spelling: `decls`) and has its field's
+type, so each setting has one spelling in the configs, the command line and the recipes; where the
+preset gives the default, --help shows each preset's value, and train's many options come in panels.
 """
 
 from __future__ import annotations
 
 import inspect
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import typer
 
-from .config import LiveConfig, TrainConfig
 from .models import DEFAULT_MODEL
 from .presets import DEFAULT_PRESET, LIVE_PRESET, by_preset
 
@@ -63,8 +62,8 @@ BUILD = (
     Flag("backend", "Encoder runtime: torch, openvino or onnx (CPU; converted once, cached beside the model), auto "
          "(OpenVINO on CPU when installed, else PyTorch).", _ALL, "auto"),
     Flag("precision", "What the encoder computes in: auto (fp32 on the CPU, exactly SentenceTransformer.encode; "
-         "bf16 autocast on CUDA), fp32, or bf16 (on the CPU through OpenVINO with AMX / AVX-512 BF16: ~3× faster, "
-         "vectors within cosine 0.9998; README: Faster builds).", _ALL, "auto"),
+         "bf16 autocast on CUDA, fp16 where the GPU has no bf16), fp32, or bf16 (on the CPU through OpenVINO "
+         "with AMX / AVX-512 BF16: ~3× faster, min cosine to fp32 0.9994; README: Faster builds).", _ALL, "auto"),
     Flag("query_prompt", "Text put before each query (default: the model's query prompt, as encode_query; \"\" for "
          "none).", _ALL),
     Flag("document_prompt", "Text put before each document (default: the model's document prompt, as "
@@ -216,15 +215,6 @@ TRAIN_LIVE = (
     Flag("device", _DEVICE, RUN, "auto"),
     Flag("overwrite", "Replace a result already in --out.", RUN, False),
 )
-
-_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"strategy"}  # train-live's --strategy is LiveConfig's
-
-
-def train_live_config(values: dict[str, Any]) -> LiveConfig:
-    """train-live's values as a LiveConfig: the fields TrainConfig knows go to its `train`."""
-    train = {k: v for k, v in values.items() if k in _TRAIN_FIELDS}
-    return LiveConfig(train=TrainConfig(**train), **{k: v for k, v in values.items() if k not in _TRAIN_FIELDS})
-
 
 def command(flags: tuple[Flag, ...], run: Callable[[dict[str, Any]], None], *configs: type) -> Callable[..., None]:
     """A typer command taking `flags`, typed as the fields of `configs` (the last wins), that hands their values to

@@ -222,3 +222,11 @@ class LiveConfig:
     val_seed: int = 0
     encoder_dropout: bool = True  # a training encoder in train mode (dropout); False: eval mode, deterministic
     gradient_checkpointing: bool = False
+
+    @classmethod
+    def from_flat(cls, values: dict) -> LiveConfig:
+        """From one flat set of settings (train-live's options, a recipe row): LiveConfig's own fields here
+        (`strategy` included), every other one to `train`."""
+        own = {f.name for f in fields(cls)} - {"train"}
+        return cls(train=TrainConfig(**{k: v for k, v in values.items() if k not in own}),
+                   **{k: v for k, v in values.items() if k in own})

@@ -52,8 +52,8 @@ class NotFound(UserError):
     """The server answered 404: the thing asked for does not exist there."""
 
 
-def _open(url: str, headers: dict[str, str] | None = None):
-    request = urllib.request.Request(url, headers={"User-Agent": "jepa-cache", **(headers or {})})
+def _open(url: str):
+    request = urllib.request.Request(url, headers={"User-Agent": "jepa-cache"})
     try:
         return urllib.request.urlopen(request, timeout=TIMEOUT_S)
     except urllib.error.HTTPError as e:
@@ -80,41 +80,29 @@ def _blocks(resp, url: str) -> Iterator[bytes]:
         yield block
 
 
-def fetch_url(
-    url: str,
-    dest: Path,
-    *,
-    md5: str | None = None,
-    sha256: str | None = None,
-    size: int | None = None,
-    headers: dict[str, str] | None = None,
-) -> Path:
-    """Download `url` to `dest` (atomically); refuse a short body or a checksum that does not match."""
+def fetch_url(url: str, dest: Path, *, md5: str | None = None) -> Path:
+    """Download `url` to `dest` (atomically); refuse a short body or an md5 that does not match."""
     from tqdm.auto import tqdm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     # open(): the umask's mode, not mkstemp's 0600
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
-    digests = {name: hashlib.new(name) for name, want in (("md5", md5), ("sha256", sha256)) if want}
+    digest = hashlib.md5()
     try:
-        with _open(url, headers) as resp, open(tmp, "xb") as out:
+        with _open(url) as resp, open(tmp, "xb") as out:
             length = resp.headers.get("Content-Length")
             expected = int(length) if length and length.isdigit() else None
             got = 0
-            with tqdm(total=expected or size, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
+            with tqdm(total=expected, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
                 for block in _blocks(resp, url):
                     out.write(block)  # a full disk surfaces here as the OSError it is
-                    for d in digests.values():
-                        d.update(block)
+                    digest.update(block)
                     got += len(block)
                     bar.update(len(block))
-        for want in (expected, size):
-            if want is not None and got != want:
-                raise UserError(f"{url}: truncated download ({got} of {want} bytes); run again")
-        for name, want in (("md5", md5), ("sha256", sha256)):
-            if want and digests[name].hexdigest() != want:
-                raise UserError(f"{url}: {name} {digests[name].hexdigest()} does not match the published {want}; "
-                                "refusing it")
+        if expected is not None and got != expected:
+            raise UserError(f"{url}: truncated download ({got} of {expected} bytes); run again")
+        if md5 and digest.hexdigest() != md5:
+            raise UserError(f"{url}: md5 {digest.hexdigest()} does not match the published {md5}; refusing it")
         os.replace(tmp, dest)
         return dest
     finally:

@@ -4,12 +4,14 @@ A model already in the cache is found without any network call, wherever it came
 transformers, `hf download`). A download fetches only what a sentence-transformers folder loads (configs,
 tokenizer, one weight format per folder: safetensors where the repo has them), with huggingface_hub's resume,
 tokens (HF_TOKEN), proxies and HF_ENDPOINT; each file the hub names by its sha256 is then checked against it.
-Every failure is one line.
+Every failure a user can fix is one line.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
+import json
 import os
 import re
 from pathlib import Path, PurePosixPath
@@ -23,11 +25,12 @@ from .files import sha256_file
 ST_FILES = (
     "modules.json", "config_sentence_transformers.json", "sentence_*_config.json", "[0-9]*_*/*",
     "config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
-    "spiece.model", "sentencepiece*.model",
+    "spiece.model", "sentencepiece*.model", "spm.model", "*.spm",
     "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
     "pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json",
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 _TODO = "; check the network (or HF_ENDPOINT), or pass a local model folder"
 
 
@@ -37,14 +40,25 @@ def endpoint() -> str | None:
 
 
 def cached(repo: str) -> Path | None:
-    """The cached snapshot of `repo` (its default branch), found without network; None when not cached."""
+    """The cached snapshot of `repo` (its default branch) when it holds a whole sentence-transformers folder
+    (modules.json and every module folder it names), found without network; None otherwise (then `download`
+    fetches what is missing)."""
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
-    for marker in ("modules.json", "config.json"):
-        found = try_to_load_from_cache(repo, marker)
-        if isinstance(found, str):
-            return Path(found).parent
-    return None
+    try:
+        found = try_to_load_from_cache(repo, "modules.json")
+    except HFValidationError as e:
+        raise UserError(f"model {repo!r}: not a hub id ({_first_line(e)})") from None
+    if not isinstance(found, str):
+        return None
+    folder = Path(found).parent
+    try:
+        modules = json.loads(Path(found).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    complete = all((folder / m.get("path", "")).exists() for m in modules if isinstance(m, dict))
+    return folder if complete and (folder / "config.json").is_file() else None
 
 
 def duplicate_weights(files: list[str]) -> list[str]:
@@ -56,15 +70,21 @@ def duplicate_weights(files: list[str]) -> list[str]:
 def download(repo: str) -> Path:
     """Fetch what a sentence-transformers folder of `repo` needs into the cache; returns the snapshot folder."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     where = endpoint()
     try:
         files = [s.rfilename for s in HfApi(endpoint=where).model_info(repo).siblings or []]
         folder = Path(snapshot_download(repo, endpoint=where, allow_patterns=list(ST_FILES),
                                         ignore_patterns=duplicate_weights(files)))
+    except HFValidationError as e:
+        raise UserError(f"model {repo!r}: not a hub id ({_first_line(e)})") from None
     except (HfHubHTTPError, LocalEntryNotFoundError) as e:
         raise _one_line(repo, where, e) from None
+    except OSError as e:
+        if e.errno in _LOCAL_ERRNOS:  # the cache's disk, not the network: the CLI names the file
+            raise
+        raise UserError(f"{_name(where)}: unreachable ({type(e).__name__}: {_first_line(e)}){_TODO}") from None
     except Exception as e:  # noqa: BLE001 - the transport's own error (its class depends on the version)
         raise UserError(f"{_name(where)}: unreachable ({type(e).__name__}: {_first_line(e)}){_TODO}") from None
     check_blobs(folder)

@@ -1,6 +1,6 @@
 """Stage 2 through the encoder (`train-live`): frozen-live, full fine-tune and the two-phase hybrid.
 
-Every strategy reuses the cached stage's heads, loss and loop (train.py, loop.py); only the
+Every strategy reuses the cached stage's heads, loss and loop (resolve.py, loop.py); only the
 embedding source (sources.py) and the optimizer's parameter groups change. Texts are encoded after
 the prompts the store recorded. A changed encoder is saved as a plain sentence-transformers folder
 (`out/encoder`) that carries those prompts, and whose weights' sha256 (with the prompts) the heads

@@ -17,11 +17,12 @@ from .files import check_name
 from .live import resolve_live
 from .models import DEFAULT_MODEL
 from .presets import DEFAULT_PRESET, LIVE_PRESET
+from .resolve import STRATEGIES as CACHED
 from .resolve import resolve_config
 
-STRATEGIES = ("vanilla", "nudge", "frozen-isotropy", "frozen-predictor", "full", "hybrid")
 UNTRAINED = ("vanilla", "nudge")  # no heads: the base vectors, or NUDGE-N's corrections of them as published
-LIVE = ("full", "hybrid")  # through the encoder: train-live
+LIVE = ("full", "hybrid")  # through the encoder (train-live); its frozen-live is the cached strategies' reference
+STRATEGIES = UNTRAINED + CACHED + LIVE
 VECTORS = ("reference", "build")
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"store", "out", "dataset", "data_dir", "train_split", "seed",
                                                          "strategy", "overwrite", "allow_test_training"}
@@ -47,9 +48,7 @@ class Row:
 
     def live_config(self, **run: Any) -> LiveConfig:
         """train-live's settings for this row: the options TrainConfig knows go to its `train`."""
-        train = {k: v for k, v in self.options.items() if k in _TRAIN_FIELDS}
-        live = {k: v for k, v in self.options.items() if k not in _TRAIN_FIELDS}
-        return LiveConfig(train=TrainConfig(preset=self.preset, **run, **train), strategy=self.strategy, **live)
+        return LiveConfig.from_flat({"preset": self.preset, **run, **self.options, "strategy": self.strategy})
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """One fit of fresh heads on a pair set, and the selection on dev around it: train-heads' middle.
 
 `fit_and_refit` holds out the dev slice, fits, chooses the corrections' settings on dev, and refits on every
-pair for the epochs dev chose; train.py resolves the settings, runs this and writes the heads' folder.
+pair for the epochs dev chose; resolve.py resolves the settings, train.py runs this and writes the heads' folder.
 """
 
 from __future__ import annotations

