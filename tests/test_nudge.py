@@ -33,7 +33,8 @@ def _case(seed: int, n: int = 300, d: int = 16):
 
 def _ours(method, docs, train, val, block=64):
     rows, g = nudge.query_sums(*train)
-    held = nudge.Held.build(val[0], val[1], [docs[i:i + block] for i in range(0, len(docs), block)], rows)
+    held = nudge.Held.build(val[0], val[1], [docs[i:i + block] for i in range(0, len(docs), block)], rows,
+                            answer_scores=method == "m")
     pick, move = (nudge.choose_gamma_n, nudge.nudge_n) if method == "n" else (nudge.choose_gamma_m, nudge.nudge_m)
     gamma = pick(held, rows, docs[rows], g)
     out = docs.copy()
@@ -163,7 +164,7 @@ def test_dev_scorer_is_pytrec_evals_ndcg(seed):
     tie = tie_order(ids)
     held = nudge.Held.build(queries, answers, [docs[:50], docs[50:]], rows, k=11, tie=tie)
     moved = nudge.unit(docs[rows] + 0.5 * rng.normal(size=(len(rows), 8)).astype(np.float32))
-    got = DevScorer.build(ids, held, dev, rows, tie)(queries @ moved.T)
+    [got] = DevScorer.build(ids, held, dev, rows, tie).curve(lambda span: iter([(queries @ moved.T)[span]]))
     full = docs.copy()
     full[rows] = moved
     s = queries @ full.T
@@ -190,7 +191,7 @@ def test_dev_scorer_with_many_tied_documents():
     dev = Labelled(queries, answers, [f"q{i}" for i in range(4)])
     tie = tie_order(ids)
     held = nudge.Held.build(queries, answers, [docs[:70], docs[70:]], rows, k=11, tie=tie)
-    got = DevScorer.build(ids, held, dev, rows, tie)(queries @ moved.T)
+    [got] = DevScorer.build(ids, held, dev, rows, tie).curve(lambda span: iter([(queries @ moved.T)[span]]))
     full = docs.copy()
     full[rows] = moved
     s = queries @ full.T
