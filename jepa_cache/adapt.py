@@ -136,17 +136,9 @@ class DevScorer:
 
 
 def _ndcg_at_10(scores: np.ndarray, truth: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """DCG@10 per row of `scores` [n, m] (-inf: not a candidate) with relevance `truth`, equal scores by `key`."""
-    keep = min(16, scores.shape[1])
-    part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]  # the `keep` best, in no order
-    top = np.take_along_axis(scores, part, 1)
-    tenth = -np.sort(-top, axis=1)[:, min(10, keep) - 1]
-    wide = np.flatnonzero((scores >= tenth[:, None]).sum(axis=1) > keep)  # a tie group crosses the cut
-    order = np.lexsort((np.take_along_axis(key, part, 1), -top), axis=1)[:, :10]
-    chosen = np.take_along_axis(part, order, 1)
-    for i in wide:  # rank the whole row as pytrec_eval does: score, then larger id first
-        full = np.lexsort((key[i], -scores[i]))[:10]
-        chosen[i, : len(full)] = full
+    """DCG@10 per row of `scores` [n, m] (-inf: not a candidate) with relevance `truth`, equal scores by `key`
+    (pytrec_eval's order)."""
+    chosen = nudge.ranked(scores, key, 10, keep=16)
     gain = np.take_along_axis(truth, chosen, 1) & np.isfinite(np.take_along_axis(scores, chosen, 1))
     return (gain / np.log2(np.arange(2, 2 + gain.shape[1]))).sum(axis=1)
 

@@ -173,8 +173,23 @@ def _merge(
     both_s = np.concatenate([top_s, s], axis=1)
     both_r = np.concatenate([top_r, np.broadcast_to(rows, s.shape)], axis=1)
     key = np.where(both_r >= 0, tie[np.maximum(both_r, 0)] if tie is not None else both_r, np.iinfo(np.int64).max)
-    order = np.lexsort((key, -both_s), axis=1)[:, :k]
+    order = ranked(both_s, key, k, keep=k)
     return np.take_along_axis(both_s, order, 1), np.take_along_axis(both_r, order, 1)
+
+
+def ranked(scores: np.ndarray, key: np.ndarray, k: int, keep: int) -> np.ndarray:
+    """Column indices of each row's k best [n, min(k, m)]: highest score first, then smallest `key`, as a sort
+    of the whole row ranks them. Only each row's `keep` (>= k) highest are sorted, unless the scores equal to
+    its k-th best reach past them (a tie group across the cut): such a row is sorted whole."""
+    k, keep = min(k, scores.shape[1]), min(max(keep, k), scores.shape[1])
+    part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]  # the `keep` best, in no order
+    top = np.take_along_axis(scores, part, 1)
+    kth = -np.sort(-top, axis=1)[:, k - 1]
+    order = np.lexsort((np.take_along_axis(key, part, 1), -top), axis=1)[:, :k]
+    chosen = np.take_along_axis(part, order, 1)
+    for i in np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > keep):
+        chosen[i] = np.lexsort((key[i], -scores[i]))[:k]
+    return chosen
 
 
 def choose_gamma_n(

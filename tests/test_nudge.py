@@ -207,3 +207,15 @@ def test_a_document_no_query_judged_stays_put():
     for gamma in (0.5, 1.9):
         moved = nudge.nudge_n(docs, g, gamma)
         assert np.isfinite(moved).all() and np.allclose(moved[1:], docs[1:])
+
+
+@pytest.mark.parametrize("k, keep", [(1, 1), (2, 2), (10, 16), (11, 11), (40, 50)])
+def test_ranked_is_a_whole_row_sort(k, keep):
+    """The k best of each row by score, then key, sorting only a few columns, against sorting every column;
+    scores drawn from a few values (tie groups across every cut), -inf included."""
+    rng = np.random.default_rng(k)
+    scores = rng.integers(0, 6, size=(200, 30)).astype(np.float64)
+    scores[rng.random(scores.shape) < 0.2] = -np.inf
+    key = np.stack([rng.permutation(30) for _ in range(200)])
+    want = np.lexsort((key, -scores), axis=1)[:, :k]
+    np.testing.assert_array_equal(nudge.ranked(scores, key, k, keep), want)
