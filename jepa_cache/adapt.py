@@ -15,7 +15,7 @@ import numpy as np
 from . import nudge
 from .corrections import Corrections
 from .errors import UserError
-from .search import tie_order
+from .search import tie_order, unit
 from .pairs import DEV_SEED, Pairs
 from .store import Store
 
@@ -78,48 +78,94 @@ class DevScorer:
     The candidates of a query are the labelled rows (whose scores are given per trial) and its best
     unlabelled rows (fixed, from `held`); a candidate with the query's own id is dropped (BEIR), and ties
     rank as pytrec_eval ranks them (larger id first). tests/test_nudge.py checks it against pytrec_eval.
+    Queries go `chunk` at a time (nudge.spans): memory grows with chunk x labelled rows.
     """
 
-    truth: np.ndarray  # [n, len(rows) + k] bool: candidate judged relevant
-    rows: np.ndarray  # [n, len(rows) + k] candidate corpus rows (-1: none)
+    held: nudge.Held
+    rows: np.ndarray  # [R] the labelled corpus rows
+    own: np.ndarray  # [n] the slot in `rows` of the query's own id (-1: none)
     fixed: np.ndarray  # [n, k] the unlabelled candidates' scores (-inf: dropped)
-    own: np.ndarray  # [n, len(rows)] bool: the labelled row with the query's own id (dropped)
     ideal: np.ndarray  # [n] IDCG@10
     tie: np.ndarray  # [n_docs] pytrec_eval's order among equal scores
+    chunk: int = nudge.QUERY_CHUNK
 
     @classmethod
     def build(
-        cls, corpus_ids: Sequence[str], held: nudge.Held, dev: Labelled, rows: np.ndarray, tie: np.ndarray
+        cls,
+        corpus_ids: Sequence[str],
+        held: nudge.Held,
+        dev: Labelled,
+        rows: np.ndarray,
+        tie: np.ndarray,
+        chunk: int = nudge.QUERY_CHUNK,
     ) -> "DevScorer":
-        n = len(dev.ids)
-        cand = np.concatenate([np.broadcast_to(rows, (n, len(rows))), held.top_rows], axis=1)
-        truth = np.zeros(cand.shape, dtype=bool)
-        for i, answers in enumerate(dev.answers):
-            truth[i] = np.isin(cand[i], answers) & (cand[i] >= 0)
-        row_of = {d: r for r, d in enumerate(corpus_ids)}
-        mine = np.array([row_of.get(q, -2) for q in dev.ids])
+        """`held` built from `dev` on the corpus with `corpus_ids`, whose labelled rows are `rows` (sorted)."""
+        mine = _rows_of(corpus_ids, dev.ids)
         fixed = np.where((held.top_rows == mine[:, None]) | (held.top_rows < 0), -np.inf, held.top_scores)
+        own = np.full(len(mine), -1, dtype=np.int64)
+        own[np.isin(mine, rows)] = np.searchsorted(rows, mine[np.isin(mine, rows)])
         discount = 1 / np.log2(np.arange(2, 12))
         ideal = np.array([discount[: min(len(set(a)), 10)].sum() for a in dev.answers])
-        return cls(truth, cand, fixed.astype(np.float64), rows[None, :] == mine[:, None], ideal, tie)
+        return cls(held, rows, own, fixed.astype(np.float64), ideal, tie, chunk)
 
-    def __call__(self, s: np.ndarray) -> float:
-        """Mean NDCG@10 when the labelled rows score `s` [n, len(rows)]."""
-        scores = np.concatenate([np.where(self.own, -np.inf, s.astype(np.float64)), self.fixed], axis=1)
-        keep = min(16, scores.shape[1])
-        part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
-        tenth = -np.partition(-scores, min(10, scores.shape[1]) - 1, axis=1)[:, min(10, scores.shape[1]) - 1]
-        wide = np.flatnonzero((scores >= tenth[:, None]).sum(axis=1) > keep)  # a tie group crosses the cut
-        top_s = np.take_along_axis(scores, part, 1)
-        top_t = self.tie[np.maximum(np.take_along_axis(self.rows, part, 1), 0)]
-        order = np.lexsort((top_t, -top_s), axis=1)[:, :10]
-        chosen = np.take_along_axis(part, order, 1)
-        for i in wide:  # rank the whole row as pytrec_eval does: score, then larger id first
-            full = np.lexsort((self.tie[np.maximum(self.rows[i], 0)], -scores[i]))[:10]
-            chosen[i, : len(full)] = full
-        gain = np.take_along_axis(self.truth, chosen, 1) & np.isfinite(np.take_along_axis(scores, chosen, 1))
-        dcg = (gain / np.log2(np.arange(2, 2 + gain.shape[1]))).sum(axis=1)
-        return float(np.mean(dcg / self.ideal))
+    def curve(self, trials: Callable[[slice], Iterator[np.ndarray]]) -> list[float]:
+        """Mean NDCG@10 of each trial: `trials(span)` yields, trial by trial, the labelled rows' scores of
+        the queries in `span` [span, R] (the same trials, in the same order, for every span)."""
+        parts = []
+        for lo, hi in nudge.spans(len(self.ideal), self.chunk):
+            scorer = self._part(lo, hi)
+            parts.append(np.stack([scorer(s) for s in trials(slice(lo, hi))]))
+        return [float(np.mean(values)) for values in np.concatenate(parts, axis=1)]
+
+    def _part(self, lo: int, hi: int) -> Callable[[np.ndarray], np.ndarray]:
+        """NDCG@10 per query of queries lo..hi, given their labelled rows' scores; built once for every trial."""
+        cand = np.concatenate([np.broadcast_to(self.rows, (hi - lo, len(self.rows))), self.held.top_rows[lo:hi]], 1)
+        truth = np.zeros(cand.shape, dtype=bool)
+        for i, answers in enumerate(self.held.answers[lo:hi]):
+            truth[i] = np.isin(cand[i], answers) & (cand[i] >= 0)
+        key = self.tie[np.maximum(cand, 0)]  # each candidate's place among equal scores
+        dropped = np.flatnonzero(self.own[lo:hi] >= 0)
+        fixed, ideal = self.fixed[lo:hi], self.ideal[lo:hi]
+
+        def ndcg(s: np.ndarray) -> np.ndarray:
+            scores = np.concatenate([s, fixed], axis=1, dtype=np.float64)
+            scores[dropped, self.own[lo:hi][dropped]] = -np.inf
+            return _ndcg_at_10(scores, truth, key) / ideal
+
+        return ndcg
+
+
+def _ndcg_at_10(scores: np.ndarray, truth: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """DCG@10 per row of `scores` [n, m] (-inf: not a candidate) with relevance `truth`, equal scores by `key`
+    (pytrec_eval's order)."""
+    chosen = nudge.ranked(scores, key, 10, keep=16)
+    gain = np.take_along_axis(truth, chosen, 1) & np.isfinite(np.take_along_axis(scores, chosen, 1))
+    return (gain / np.log2(np.arange(2, 2 + gain.shape[1]))).sum(axis=1)
+
+
+def _rows_of(corpus_ids: Sequence[str], ids: Sequence[str]) -> np.ndarray:
+    """The corpus row of each id (-2: none), in one pass over the corpus ids (no corpus-wide dict)."""
+    at = {q: i for i, q in enumerate(ids)}
+    mine = np.full(len(ids), -2, dtype=np.int64)
+    for r, d in enumerate(corpus_ids):
+        if d in at:
+            mine[at[d]] = r
+    return mine
+
+
+def _steps(
+    queries: np.ndarray, docs: np.ndarray, g: np.ndarray, gammas: Sequence[float]
+) -> Callable[[slice], Iterator[np.ndarray]]:
+    """For DevScorer.curve: per γ, the scores of `queries[span]` for NUDGE-N's vectors from `docs` toward `g`."""
+
+    def trials(span: slice) -> Iterator[np.ndarray]:
+        qd, qg = queries[span] @ docs.T, queries[span] @ g.T
+        for a, b in nudge.nudge_n_terms(docs, g, gammas):
+            s = a * qd
+            s += b * qg
+            yield s
+
+    return trials
 
 
 def choose(
@@ -129,47 +175,33 @@ def choose(
     corpus_ids: Sequence[str],
     fit: Labelled,
     dev: Labelled,
+    chunk: int = nudge.QUERY_CHUNK,
 ) -> tuple[float, float, dict]:
     """(γ, power, record): the settings of `fit`'s corrections that cfg.rule picks on `dev`.
 
     `docs_of(rows)`: those corpus rows in the heads' space, unit length; `blocks`: the whole corpus so, in
     row order, read once (only labelled rows move with γ: every other row's scores are kept from that pass).
+    Dev queries go `chunk` at a time (the result does not depend on it).
     """
     rows, g = nudge.query_sums(fit.vectors, fit.answers)
     docs = docs_of(rows)
     tie = tie_order(list(corpus_ids))
-    held = nudge.Held.build(dev.vectors, dev.answers, blocks, rows, k=11, tie=tie)
-    ndcg = DevScorer.build(corpus_ids, held, dev, rows, tie)
+    held = nudge.Held.build(dev.vectors, dev.answers, blocks, rows, k=11, tie=tie, chunk=chunk)
+    ndcg = DevScorer.build(corpus_ids, held, dev, rows, tie, chunk)
+    record = {"rule": cfg.rule, "dev_queries": len(dev.ids)}
     if cfg.rule == "nudge-ft":
-        gamma = nudge.choose_gamma_n(held, rows, docs, g)
-        return (
-            gamma,
-            0.0,
-            {
-                "rule": "nudge-ft",
-                "dev_queries": len(dev.ids),
-                "dev_ndcg@10": ndcg(dev.vectors @ nudge.nudge_n(docs, g, gamma).T),
-            },
-        )
-    curve, qd = {}, dev.vectors @ docs.T
+        gamma = nudge.choose_gamma_n(held, rows, docs, g, chunk=chunk)
+        moved_t = nudge.nudge_n(docs, g, gamma).T
+        [record["dev_ndcg@10"]] = ndcg.curve(lambda span: iter([dev.vectors[span] @ moved_t]))
+        return gamma, 0.0, record
+    curve = {}
     for power in cfg.powers:
-        g = nudge.query_sums(fit.vectors, fit.answers, power)[1]
-        qg = dev.vectors @ g.T
-        for gamma in cfg.gammas:
-            a, b = nudge.nudge_n_terms(docs, g, gamma)
-            curve[gamma, power] = ndcg(a * qd + b * qg)
+        trials = _steps(dev.vectors, docs, nudge.query_sums(fit.vectors, fit.answers, power)[1], cfg.gammas)
+        curve.update(zip([(gamma, power) for gamma in cfg.gammas], ndcg.curve(trials)))
     gamma, power = max(curve, key=lambda k: (curve[k], -k[0], -k[1]))
-    return (
-        gamma,
-        power,
-        {
-            "rule": "ndcg",
-            "dev_queries": len(dev.ids),
-            "dev_ndcg@10": curve[gamma, power],
-            "base_dev_ndcg@10": curve[cfg.gammas[0], power],
-            "curve": {f"{p:g}/{k:.2f}": round(v, 5) for (k, p), v in curve.items()},
-        },
-    )
+    record.update({"dev_ndcg@10": curve[gamma, power], "base_dev_ndcg@10": curve[cfg.gammas[0], power]})
+    record["curve"] = {f"{p:g}/{k:.2f}": round(v, 5) for (k, p), v in curve.items()}
+    return gamma, power, record
 
 
 def make_corrections(
@@ -206,7 +238,7 @@ def labelled(store: Store, pairs: Pairs, to_space: Callable[[np.ndarray], np.nda
     rows = np.fromiter(by_query, dtype=np.int64, count=len(by_query))
     ids = store.queries.ids
     return Labelled(
-        nudge.unit(to_space(store.queries.vectors(np.float32, rows))), list(by_query.values()), [ids[r] for r in rows]
+        unit(to_space(store.queries.vectors(np.float32, rows))), list(by_query.values()), [ids[r] for r in rows]
     )
 
 
@@ -229,19 +261,20 @@ class Space:
     block_rows: int = 65536
 
     def docs(self, rows: np.ndarray) -> np.ndarray:
-        return nudge.unit(_space(self.heads, "documents")(self.store.corpus.vectors(np.float32, rows)))
+        return unit(_space(self.heads, "documents")(self.store.corpus.vectors(np.float32, rows)))
 
     def blocks(self) -> Iterator[np.ndarray]:
         to_space = _space(self.heads, "documents")
         for _, block in self.store.corpus.iter_blocks(self.block_rows):
-            yield nudge.unit(to_space(block))
+            yield unit(to_space(block))
 
     def labelled(self, pairs: Pairs) -> Labelled:
         return labelled(self.store, pairs, _space(self.heads, "queries"))
 
 
 def choose_on(cfg: AdaptConfig, store: Store, heads, fit_pairs: Pairs, dev_pairs: Pairs) -> tuple[float, float, dict]:
-    """(γ, power, record) chosen on `dev_pairs` for corrections fitted on `fit_pairs`, in `heads`' space (None: none)."""
+    """(γ, power, record) chosen on `dev_pairs` for corrections fitted on `fit_pairs`, in `heads`' space
+    (None: the base vectors)."""
     space = Space(store, heads)
     return choose(
         cfg, space.docs, space.blocks(), store.corpus.ids, space.labelled(fit_pairs), space.labelled(dev_pairs)
@@ -283,11 +316,12 @@ def adapt_store(
     gamma, power, record = choose_on(cfg, store, heads, fit_pairs, dev_pairs)
     record.update(dev_seed=dev_seed, dev_fraction=dev_fraction, refit=cfg.refit)
     log(
-        f"{cfg.method}: γ {gamma:g}, power {power:g} chosen on {record['dev_queries']:,} held-out queries ({cfg.rule}); "
-        f"dev NDCG@10 {record['dev_ndcg@10']:.4f}"
+        f"{cfg.method}: γ {gamma:g}, power {power:g} chosen on {record['dev_queries']:,} held-out queries "
+        f"({cfg.rule}); dev NDCG@10 {record['dev_ndcg@10']:.4f}"
     )
     corrections = corrections_on(cfg, store, heads, pairs if cfg.refit else fit_pairs, gamma, power, record)
     log(
-        f"{cfg.method}: {len(corrections.doc_ids):,} documents corrected from {corrections.labelled_queries:,} labelled queries"
+        f"{cfg.method}: {len(corrections.doc_ids):,} documents corrected from "
+        f"{corrections.labelled_queries:,} labelled queries"
     )
     return corrections

@@ -34,7 +34,7 @@ class Corrections:
     record: dict = field(default_factory=dict)  # how gamma was chosen
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Weights first, then the JSON that names them (each atomically): a JSON that exists describes whole weights."""
+        """Weights first, then the JSON that names them (each atomically): a JSON that exists names whole weights."""
         from safetensors.numpy import save_file
 
         folder = Path(folder)

@@ -53,15 +53,16 @@ def check_similarity(similarity: str) -> str:
     return similarity
 
 
+def unit(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows scaled to unit length, in x's dtype (into `out`, which may be x itself); a zero row stays zero."""
+    return np.divide(x, np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float32).tiny), out=out)
+
+
 def prepare(x: np.ndarray, similarity: str) -> np.ndarray:
     """Contiguous float32, rows L2-normalised for cosine (what FAISS needs); the caller's array is never modified."""
     y = np.ascontiguousarray(x, dtype=np.float32)
-    if similarity == "cos":
-        norms = np.maximum(np.linalg.norm(y, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-        if np.shares_memory(y, x):  # the caller's data (or a view of it, e.g. a memmap): leave it alone
-            y = y / norms
-        else:  # already our own copy: normalise in place, one block-sized array fewer at the peak
-            y /= norms
+    if similarity == "cos":  # in place when y is our own copy (one block-sized array fewer at the peak), never in x
+        y = unit(y, out=None if np.shares_memory(y, x) else y)
     return y
 
 

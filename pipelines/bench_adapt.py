@@ -3,8 +3,9 @@
     python pipelines/bench_adapt.py                 # NFCorpus: NUDGE-N ours vs nudge-ft 0.1.2, train-heads best (+ corrections)
     python pipelines/bench_adapt.py --rows 1000000  # also a synthetic 1M x 768 float16 store, 10,000 labelled queries
 
-Figures are wall seconds in this process (set OMP_NUM_THREADS to the cores you mean to use). The peer runs
-on the same vectors and split; the script checks that both give the same vectors.
+Figures are wall seconds in this process (set OMP_NUM_THREADS to the cores you mean to use), its CPU seconds
+(what to compare on a shared machine), and for our adaptation the peak of the memory numpy and Python allocated
+during it (tracemalloc). The peer runs on the same vectors and split; the script checks that both give the same vectors.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import io
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 
@@ -30,6 +33,21 @@ from jepa_cache.pairs import Pairs, qrels_pairs  # noqa: E402
 from jepa_cache.store import default_store_path, open_store  # noqa: E402
 from jepa_cache.train import train  # noqa: E402
 
+T = TypeVar("T")
+
+
+def measured(fn: Callable[[], T], peak: bool = False) -> tuple[T, str]:
+    """fn()'s result, and its wall and CPU seconds (and with `peak`, the most numpy/Python memory it held)."""
+    if peak:
+        tracemalloc.start()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    said = f"{time.perf_counter() - t0:.2f} s ({time.process_time() - c0:.2f} s CPU"
+    if peak:
+        said += f", peak {tracemalloc.get_traced_memory()[1] / 2**20:,.0f} MiB"
+        tracemalloc.stop()
+    return out, said + ")"
+
 
 def peer(store, pairs: Pairs) -> None:
     """NUDGE-N as published: ours (block by block, labelled rows only) against nudge-ft's loop over documents."""
@@ -37,9 +55,9 @@ def peer(store, pairs: Pairs) -> None:
     from nudge import NUDGEN
 
     fit, dev = pairs.hold_out(0.2)
-    t0 = time.perf_counter()
-    ours = adapt.adapt_store(adapt.AdaptConfig("nudge-n", "nudge-ft"), store, pairs, log=lambda s: None)
-    t_ours = time.perf_counter() - t0
+    ours, t_ours = measured(
+        lambda: adapt.adapt_store(adapt.AdaptConfig("nudge-n", "nudge-ft"), store, pairs, log=lambda s: None), peak=True
+    )
 
     corpus = store.corpus.vectors(np.float32)
 
@@ -50,24 +68,21 @@ def peer(store, pairs: Pairs) -> None:
         rows = np.array(list(by), dtype=np.int64)
         return {"q_embs": store.queries.vectors(np.float32, rows), "q_ans_indx": list(by.values())}
 
-    t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        theirs = NUDGEN(device=torch.device("cpu")).finetune_embeddings(corpus, answers(fit), answers(dev))
-    t_theirs = time.perf_counter() - t0
+        theirs, t_theirs = measured(
+            lambda: NUDGEN(device=torch.device("cpu")).finetune_embeddings(corpus, answers(fit), answers(dev))
+        )
     rows = ours.rows_in(store.corpus.row_of)
     diff = float(np.abs(theirs[rows] - ours.vectors).max())
-    print(f"NUDGE-N on {store.dataset_name} ({store.corpus.rows:,} docs, {len(np.unique(fit.query_rows)):,} fitting queries): "
-          f"ours {t_ours:.2f} s, nudge-ft {t_theirs:.2f} s ({t_theirs / t_ours:.1f}x); γ {ours.gamma:g}; "
-          f"max |difference| {diff:.1e}")
+    print(f"NUDGE-N on {store.dataset_name} ({store.corpus.rows:,} docs, {len(np.unique(fit.query_rows)):,} fitting "
+          f"queries): ours {t_ours}, nudge-ft {t_theirs}; γ {ours.gamma:g}; max |difference| {diff:.1e}")
 
 
 def heads_and_corrections(store) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        res = train(TrainConfig(store=str(store.path), out=tmp, device="cpu"), log=lambda s: None)
-        total = time.perf_counter() - t0
+        res, total = measured(lambda: train(TrainConfig(store=str(store.path), out=tmp, device="cpu"), log=lambda s: None))
     a = res.record["adapt"]
-    print(f"train-heads (best: heads + corrections) on {store.dataset_name}: {total:.1f} s in all; "
+    print(f"train-heads (best: heads + corrections) on {store.dataset_name}: {total} in all; "
           f"{a['documents']:,} documents corrected (γ {a['gamma']:g}, power {a['power']:g})")
 
 
@@ -89,11 +104,9 @@ def large(rows: int, dim: int = 768, queries: int = 10_000, seed: int = 0) -> No
         del docs
         pairs = Pairs(np.repeat(np.arange(queries), [len(j) for j in judged]), np.concatenate(judged), None, "synthetic")
         made = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        corr = adapt.adapt_store(adapt.AdaptConfig(), store, pairs, log=lambda s: None)
-        took = time.perf_counter() - t0
+        corr, took = measured(lambda: adapt.adapt_store(adapt.AdaptConfig(), store, pairs, log=lambda s: None), peak=True)
     print(f"{rows:,} x {dim} float16 store ({made:.0f} s to write): jepa-cache's rule (γ and power on 2,000 held-out "
-          f"queries, refit) in {took:.1f} s; {len(corr.doc_ids):,} documents corrected")
+          f"queries, refit) in {took}; {len(corr.doc_ids):,} documents corrected")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ def _case(seed: int, n: int = 300, d: int = 16):
 
 def _ours(method, docs, train, val, block=64):
     rows, g = nudge.query_sums(*train)
-    held = nudge.Held.build(val[0], val[1], [docs[i:i + block] for i in range(0, len(docs), block)], rows)
+    held = nudge.Held.build(val[0], val[1], [docs[i:i + block] for i in range(0, len(docs), block)], rows,
+                            answer_scores=method == "m")
     pick, move = (nudge.choose_gamma_n, nudge.nudge_n) if method == "n" else (nudge.choose_gamma_m, nudge.nudge_m)
     gamma = pick(held, rows, docs[rows], g)
     out = docs.copy()
@@ -163,7 +164,7 @@ def test_dev_scorer_is_pytrec_evals_ndcg(seed):
     tie = tie_order(ids)
     held = nudge.Held.build(queries, answers, [docs[:50], docs[50:]], rows, k=11, tie=tie)
     moved = nudge.unit(docs[rows] + 0.5 * rng.normal(size=(len(rows), 8)).astype(np.float32))
-    got = DevScorer.build(ids, held, dev, rows, tie)(queries @ moved.T)
+    [got] = DevScorer.build(ids, held, dev, rows, tie).curve(lambda span: iter([(queries @ moved.T)[span]]))
     full = docs.copy()
     full[rows] = moved
     s = queries @ full.T
@@ -190,7 +191,7 @@ def test_dev_scorer_with_many_tied_documents():
     dev = Labelled(queries, answers, [f"q{i}" for i in range(4)])
     tie = tie_order(ids)
     held = nudge.Held.build(queries, answers, [docs[:70], docs[70:]], rows, k=11, tie=tie)
-    got = DevScorer.build(ids, held, dev, rows, tie)(queries @ moved.T)
+    [got] = DevScorer.build(ids, held, dev, rows, tie).curve(lambda span: iter([(queries @ moved.T)[span]]))
     full = docs.copy()
     full[rows] = moved
     s = queries @ full.T
@@ -206,3 +207,15 @@ def test_a_document_no_query_judged_stays_put():
     for gamma in (0.5, 1.9):
         moved = nudge.nudge_n(docs, g, gamma)
         assert np.isfinite(moved).all() and np.allclose(moved[1:], docs[1:])
+
+
+@pytest.mark.parametrize("k, keep", [(1, 1), (2, 2), (10, 16), (11, 11), (40, 50)])
+def test_ranked_is_a_whole_row_sort(k, keep):
+    """The k best of each row by score, then key, sorting only a few columns, against sorting every column;
+    scores drawn from a few values (tie groups across every cut), -inf included."""
+    rng = np.random.default_rng(k)
+    scores = rng.integers(0, 6, size=(200, 30)).astype(np.float64)
+    scores[rng.random(scores.shape) < 0.2] = -np.inf
+    key = np.stack([rng.permutation(30) for _ in range(200)])
+    want = np.lexsort((key, -scores), axis=1)[:, :k]
+    np.testing.assert_array_equal(nudge.ranked(scores, key, k, keep), want)
