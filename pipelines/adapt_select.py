@@ -30,13 +30,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jepa_cache import adapt, nudge  # noqa: E402
+from jepa_cache import adapt  # noqa: E402
 from jepa_cache.config import TrainConfig  # noqa: E402
 from jepa_cache.datasets import find_dataset, read_qrels  # noqa: E402
 from jepa_cache.metrics import score  # noqa: E402
 from jepa_cache.models import DEFAULT_MODEL, resolve_model  # noqa: E402
 from jepa_cache.store import default_store_path, open_store  # noqa: E402
 from jepa_cache.pairs import qrels_pairs  # noqa: E402
+from jepa_cache.search import unit  # noqa: E402
 from jepa_cache.train import train  # noqa: E402
 
 TRAIN_SETS = ("scifact", "nfcorpus")
@@ -71,7 +72,7 @@ def probe_ndcg(name: str, heads) -> float:
     store = store_of(name)
     qrels = probe_qrels(name)
     rows = np.array([store.queries.row_of[q] for q in qrels], dtype=np.int64)
-    q = nudge.unit(adapt._space(heads, "queries")(store.queries.vectors(np.float32, rows)))
+    q = unit(adapt._space(heads, "queries")(store.queries.vectors(np.float32, rows)))
     c = np.concatenate(list(adapt.Space(store, heads).blocks()))
     s = q @ c.T
     top = np.argsort(-s, axis=1, kind="stable")[:, :11]

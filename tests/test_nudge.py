@@ -13,6 +13,7 @@ from jepa_cache import nudge
 from jepa_cache.corrections import Corrections
 from jepa_cache.config import EvalConfig
 from jepa_cache.errors import UserError
+from jepa_cache.search import unit
 from jepa_cache.evaluate import evaluate
 
 
@@ -90,7 +91,7 @@ def test_corrections_apply_only_to_their_store(tmp_path, synthetic_store):
     (root / "queries.jsonl").write_text("".join(f'{{"_id": "q{i}", "text": "x"}}\n' for i in range(10)))
     (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{3 * i}\t1\n" for i in range(10)))
     store = synthetic_store(docs, queries, shard_rows=16)
-    moved = nudge.unit(queries[:5])  # documents d0, d3, ..., d12 moved onto their queries: those 5 become hits at rank 1
+    moved = unit(queries[:5])  # documents d0, d3, ..., d12 moved onto their queries: those 5 become hits at rank 1
     corr = Corrections([f"d{3 * i}" for i in range(5)], moved, "nudge-n", 0.5, store.fingerprint, None, 5)
     corr.save(tmp_path / "corr")
     fixed = docs.copy()
@@ -122,8 +123,8 @@ def test_adapt_command_then_eval_applies_the_corrections(cli, tmp_path, syntheti
     ds = BeirDataset("tiny", root)
     doc_ids, query_ids = read_corpus(ds.corpus_path)[0], read_queries(ds.queries_path)[0]
     rng = np.random.default_rng(1)
-    docs = nudge.unit(rng.normal(size=(len(doc_ids), 8)).astype(np.float32))
-    store = synthetic_store(docs, nudge.unit(rng.normal(size=(len(query_ids), 8)).astype(np.float32)),
+    docs = unit(rng.normal(size=(len(doc_ids), 8)).astype(np.float32))
+    store = synthetic_store(docs, unit(rng.normal(size=(len(query_ids), 8)).astype(np.float32)),
                             doc_ids=doc_ids, query_ids=query_ids, dataset="tiny")
     code, text = cli(["adapt", "--store", str(store.path), "--dataset", str(root), "--rule", "nudge-ft",
                       "--out", str(tmp_path / "corr")])
@@ -151,9 +152,9 @@ def test_dev_scorer_is_pytrec_evals_ndcg(seed):
     from jepa_cache.search import tie_order
 
     rng = np.random.default_rng(seed)
-    docs = nudge.unit(rng.normal(size=(120, 8)).astype(np.float32))
+    docs = unit(rng.normal(size=(120, 8)).astype(np.float32))
     ids = [f"d{i:03d}" for i in range(120)]
-    queries = nudge.unit(rng.normal(size=(30, 8)).astype(np.float32))
+    queries = unit(rng.normal(size=(30, 8)).astype(np.float32))
     docs[70] = docs[71] = queries[0]  # an exact tie at the top of query 0: only the id decides who is first
     answers = [[int(a) for a in rng.choice(40, size=rng.integers(1, 5), replace=False)] for _ in range(30)]
     answers[0] = [70, *answers[0]]
@@ -163,7 +164,7 @@ def test_dev_scorer_is_pytrec_evals_ndcg(seed):
     rows = np.union1d(rows, [3, 5])
     tie = tie_order(ids)
     held = nudge.Held.build(queries, answers, [docs[:50], docs[50:]], rows, k=11, tie=tie)
-    moved = nudge.unit(docs[rows] + 0.5 * rng.normal(size=(len(rows), 8)).astype(np.float32))
+    moved = unit(docs[rows] + 0.5 * rng.normal(size=(len(rows), 8)).astype(np.float32))
     [got] = DevScorer.build(ids, held, dev, rows, tie).curve(lambda span: iter([(queries @ moved.T)[span]]))
     full = docs.copy()
     full[rows] = moved
@@ -181,8 +182,8 @@ def test_dev_scorer_with_many_tied_documents():
     from jepa_cache.search import tie_order
 
     rng = np.random.default_rng(3)
-    docs = nudge.unit(rng.normal(size=(200, 8)).astype(np.float32))
-    queries = nudge.unit(rng.normal(size=(4, 8)).astype(np.float32))
+    docs = unit(rng.normal(size=(200, 8)).astype(np.float32))
+    queries = unit(rng.normal(size=(4, 8)).astype(np.float32))
     docs[100:130] = queries[1]  # 30 identical unlabelled documents at the top of query 1; the last one relevant
     ids = [f"d{i:03d}" for i in range(200)]
     answers = [[58, 59], [129], [2], [3, 4]]
@@ -201,7 +202,7 @@ def test_dev_scorer_with_many_tied_documents():
 
 
 def test_a_document_no_query_judged_stays_put():
-    docs = nudge.unit(np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32))
+    docs = unit(np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32))
     g = np.zeros((3, 4), dtype=np.float32)
     g[0] = docs[0]
     for gamma in (0.5, 1.9):
