@@ -40,7 +40,7 @@ from .distributed import (
 from .encoder import embedding_dim, encode, encoder_info, load_encoder, pick_device
 from .errors import UserError
 from .files import atomic_write_json, check_writable
-from .models import canonical_name, default_prompts, model_folder_name, resolve_model, weights_sha256
+from .models import canonical_name, default_prompts, resolve_model, weights_sha256
 from .store import DTYPES, SECTIONS, Store, default_store_path, open_store
 from .store_writer import StoreWriter
 
@@ -223,7 +223,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> Store:
     paths = _paths(dataset)
     ids = {section: read_ids(path) for section, path in paths.items()}
     folder = resolve_model(cfg.model)
-    out = Path(cfg.out) if cfg.out else default_store_path(dataset.name, Path(model_folder_name(cfg.model)))
+    out = Path(cfg.out) if cfg.out else default_store_path(dataset.name, cfg.model)
     check_writable(out)
     sha = weights_sha256(folder)
     files = dataset.file_hashes()

@@ -21,7 +21,6 @@ from .corrections import find as find_corrections
 from .corrections import for_store as corrections_for_store
 from .datasets import BeirDataset, find_dataset, read_qrels
 from .errors import UserError
-from .models import model_folder_name
 from .search import EXACT, _faiss, check_similarity
 from .store import Store, check_dataset, default_store_path, open_store
 
@@ -150,7 +149,7 @@ def _prepare(dataset: BeirDataset, cfg: EvalConfig, run: Resolved, log: Callable
     name, heads = dataset.name, run.heads
     qrels_path = dataset.qrels_path(cfg.split)
     qrels = read_qrels(qrels_path)
-    store_path = cfg.store if cfg.store else default_store_path(dataset.name, Path(model_folder_name(cfg.model)))
+    store_path = cfg.store if cfg.store else default_store_path(dataset.name, cfg.model)
     store = open_store(store_path, expect_encoder=heads.encoder_fingerprint if heads is not None else None)
     heads_dim = getattr(heads.config, "input_dim", None) if heads is not None else None
     if heads_dim is not None and heads_dim != store.dim:

@@ -25,7 +25,7 @@ from .config import ImportConfig
 from .datasets import CORPUS_TEMPLATE, QUERY_TEMPLATE, find_dataset, read_ids
 from .errors import UserError
 from .files import check_writable, exclusive_lock, read_json, sha256_file
-from .models import canonical_name, model_folder_name, resolve_model, weights_sha256
+from .models import canonical_name, resolve_model, weights_sha256
 from .store import DTYPES, SECTIONS, Store, default_store_path, open_store
 from .store_writer import StoreWriter
 
@@ -339,7 +339,7 @@ def import_vectors(cfg: ImportConfig, log: Callable[[str], None] = print) -> Sto
     if cfg.dtype not in DTYPES:
         raise UserError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
     dataset = find_dataset(cfg.dataset, cfg.data_dir)
-    out = Path(cfg.out) if cfg.out else default_store_path(dataset.name, Path(model_folder_name(cfg.model)))
+    out = Path(cfg.out) if cfg.out else default_store_path(dataset.name, cfg.model)
     check_writable(out)
     doc_ids, query_ids = read_ids(dataset.corpus_path), read_ids(dataset.queries_path)
     encoder = declared_encoder(cfg.model, cfg.normalize)

@@ -20,7 +20,7 @@ from .evaluate import evaluate
 from .files import atomic_dir, canonical_hash, read_json
 from .importer import import_vectors
 from .live import SUMMARY_FILE, resolve_live, train_live
-from .models import DEFAULT_MODEL, model_folder_name, weights_sha256
+from .models import DEFAULT_MODEL, weights_sha256
 from .pairs import qrels_pairs
 from .recipe import LIVE, Recipe, Row
 from .report import write_report
@@ -64,7 +64,7 @@ class Runner:
         may_import = self.recipe.vectors == "reference" and not self.encode and self.recipe.model == DEFAULT_MODEL
         use_reference = may_import and reference is not None and (reference / "corpus.f32.npy").is_file()
         # one default store per (dataset, encoder), where build, import and eval look: data/cache/<dataset>/<model>
-        out = default_store_path(dataset, Path(model_folder_name(self.recipe.model)))
+        out = default_store_path(dataset, self.recipe.model)
         found = open_store(out, require_complete=False) if (out / "zarr.json").is_file() else None
         source = found.provenance.get("source") if found is not None else None
         if may_import and source == "imported" and found.complete:  # also in a shell without $JEPA_CACHE_REFERENCE

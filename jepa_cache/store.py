@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from .datasets import BeirDataset
 from .errors import UserError
 from .files import canonical_hash, is_url
+from .models import model_folder_name
 
 FORMAT = "jepa-cache/store"
 FORMAT_VERSION = 1
@@ -61,8 +62,9 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def default_store_path(dataset: str, model_folder: Path) -> Path:
-    return DEFAULT_CACHE_DIR / dataset / model_folder.name
+def default_store_path(dataset: str, model: str) -> Path:
+    """Where build and import put, and eval and train look for, `dataset`'s store made by `model`."""
+    return DEFAULT_CACHE_DIR / dataset / model_folder_name(str(model))
 
 
 def now_iso() -> str:

@@ -34,7 +34,7 @@ from jepa_cache import adapt  # noqa: E402
 from jepa_cache.config import TrainConfig  # noqa: E402
 from jepa_cache.datasets import find_dataset, read_qrels  # noqa: E402
 from jepa_cache.metrics import score  # noqa: E402
-from jepa_cache.models import DEFAULT_MODEL, resolve_model  # noqa: E402
+from jepa_cache.models import DEFAULT_MODEL  # noqa: E402
 from jepa_cache.store import default_store_path, open_store  # noqa: E402
 from jepa_cache.pairs import qrels_pairs  # noqa: E402
 from jepa_cache.search import unit  # noqa: E402
@@ -56,7 +56,7 @@ JOINT = "nudge-n/ndcg"
 
 
 def store_of(name: str):
-    return open_store(default_store_path(name, resolve_model(DEFAULT_MODEL)))
+    return open_store(default_store_path(name, DEFAULT_MODEL))
 
 
 def probe_qrels(name: str) -> dict[str, dict[str, int]]:

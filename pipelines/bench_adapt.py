@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from jepa_cache import adapt  # noqa: E402
 from jepa_cache.config import TrainConfig  # noqa: E402
 from jepa_cache.datasets import find_dataset  # noqa: E402
-from jepa_cache.models import DEFAULT_MODEL, resolve_model  # noqa: E402
+from jepa_cache.models import DEFAULT_MODEL  # noqa: E402
 from jepa_cache.pairs import Pairs, qrels_pairs  # noqa: E402
 from jepa_cache.store import default_store_path, open_store  # noqa: E402
 from jepa_cache.train import train  # noqa: E402
@@ -114,7 +114,7 @@ if __name__ == "__main__":
     ap.add_argument("--dataset", default="nfcorpus")
     ap.add_argument("--rows", type=int, default=0, help="also time a synthetic store of this many documents")
     args = ap.parse_args()
-    st = open_store(default_store_path(args.dataset, resolve_model(DEFAULT_MODEL)))
+    st = open_store(default_store_path(args.dataset, DEFAULT_MODEL))
     peer(st, qrels_pairs(st, find_dataset(args.dataset).qrels_path("train")))
     heads_and_corrections(st)
     if args.rows:

@@ -565,4 +565,4 @@ def test_a_dataset_given_as_dot_is_named_after_its_folder(world, monkeypatch):
     assert find_dataset(".").name == "tiny"
     monkeypatch.chdir(world.data / "qrels")
     assert find_dataset("..").name == "tiny"
-    assert default_store_path(find_dataset("..").name, Path("m")) == Path("data/cache/tiny/m")
+    assert default_store_path(find_dataset("..").name, "m") == Path("data/cache/tiny/m")

@@ -3,7 +3,6 @@ imported store is reused in a shell without $JEPA_CACHE_REFERENCE instead of bei
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from jepa_cache import pipeline
 from jepa_cache.datasets import find_dataset, read_ids
 from jepa_cache.pipeline import Runner
 from jepa_cache.recipe import Recipe, Row
-from jepa_cache.models import DEFAULT_MODEL, model_folder_name
+from jepa_cache.models import DEFAULT_MODEL
 from jepa_cache.store import default_store_path
 
 
@@ -39,7 +38,7 @@ def test_imported_store_is_where_eval_looks_and_is_reused_without_the_reference(
     tmp_path, recipe = world
     monkeypatch.setenv(pipeline.REFERENCE_ENV, str(tmp_path / "reference"))
     store = Runner(recipe, runs_dir=tmp_path / "runs", log=lambda s: None).store("tiny")
-    expected = default_store_path(find_dataset("tiny").name, Path(model_folder_name(DEFAULT_MODEL)))
+    expected = default_store_path(find_dataset("tiny").name, DEFAULT_MODEL)
     assert store.imported and store.path == expected and str(expected) == "data/cache/tiny/all-mpnet-base-v2"
 
     monkeypatch.delenv(pipeline.REFERENCE_ENV)  # a new shell
