@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .config import DEFAULT_SHARD_ROWS
 from .datasets import BeirDataset
 from .errors import UserError
 from .files import canonical_hash, is_url
@@ -34,12 +35,6 @@ from .models import model_folder_name
 FORMAT = "jepa-cache/store"
 FORMAT_VERSION = 1
 SECTIONS = ("corpus", "queries")
-# Shard = write/resume unit. 1024 rows is ~10 minutes of mpnet on a 2-core CPU (the most a kill
-# can cost) and 1.5 MB of float16 at 768-d, so an 8.8M-row corpus is ~8.6k files, not millions.
-DEFAULT_SHARD_ROWS = 1024
-# Chunk = read unit: 128 rows x 768 x 2 bytes = 192 KiB, a good size for a local or object-store read,
-# and small enough that reading a slice of rows wastes little.
-DEFAULT_CHUNK_ROWS = 128
 # What must match for two builds to be the same store (time stamps and library versions may differ).
 IDENTITY_KEYS = ("format", "format_version", "source", "encoder", "dataset", "template", "dtype", "layout")
 DTYPES = ("float16", "float32")
