@@ -118,6 +118,8 @@ def main() -> None:
                         "one the machine lacks is skipped, with the reason")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--fiqa-sized", action="store_true", help="57,638 SciFact/NFCorpus documents instead of --docs of --dataset")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="random-mpnet's tokenizer and config folder "
+                        "(default: the local all-mpnet-base-v2, else MiniLM's)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for utilisation (default: by name)")
     args = parser.parse_args()
 
@@ -130,7 +132,7 @@ def main() -> None:
     device = pick_device(args.device)
     texts = fiqa_sized(args.data_dir) if args.fiqa_sized else subset(args.dataset, args.data_dir, args.docs)
     tmp = tempfile.TemporaryDirectory()
-    folder = random_mpnet(Path(tmp.name), tokenizer_source()) if args.model == "random-mpnet" else resolve_model(args.model)
+    folder = random_mpnet(Path(tmp.name), args.tokenizer or tokenizer_source()) if args.model == "random-mpnet" else resolve_model(args.model)
     model = load_encoder(folder, device)
     sha = weights_sha256(folder)
     default = "torch,openvino,onnx,openvino:bf16" if device.type == "cpu" else "torch,torch:fp32"

@@ -109,21 +109,27 @@ def main() -> None:
     ap.add_argument("--approx-params", default="nprobe=16")
     ap.add_argument("--skip-scifact", action="store_true")
     ap.add_argument("--skip-synthetic", action="store_true")
-    ap.add_argument("--skip-torch", action="store_true", help="skip the exact torch path")
+    ap.add_argument("--indexes", default="flat,torch,approx",
+                    help="which searches: flat (exact FAISS), torch (exact, on the GPU when there is one), approx")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for faiss and torch (default: theirs)")
     args = ap.parse_args()
+    chosen = set(args.indexes.split(","))
+    if chosen - {"flat", "torch", "approx"}:
+        raise SystemExit(f"--indexes {args.indexes!r}: choose from flat, torch, approx")
     if args.threads:
-        import faiss
         import torch
 
-        faiss.omp_set_num_threads(args.threads)
         torch.set_num_threads(args.threads)
+        if chosen - {"torch"}:
+            import faiss
+
+            faiss.omp_set_num_threads(args.threads)
     rows = []
     if not args.skip_scifact:
         store = scifact_store(args.work)
         for label, kw in (("scifact-flat", {}), ("scifact-torch", {"index": "torch"}),
-                          ("scifact-hnsw", {"faiss_index": "HNSW32", "faiss_params": "efSearch=128"})):
-            if not (args.skip_torch and label.endswith("torch")):
+                          ("scifact-approx", {"faiss_index": "HNSW32", "faiss_params": "efSearch=128"})):
+            if label.split("-")[1] in chosen:
                 rows.append(timed_eval(label, "scifact", store, args.work, data_dir=str(SHARED / "beir"), **kw))
     if not args.skip_synthetic:
         t0 = time.perf_counter()
@@ -132,7 +138,7 @@ def main() -> None:
         runs = [("synthetic-flat", {}), ("synthetic-torch", {"index": "torch"}),
                 ("synthetic-approx", {"faiss_index": args.approx, "faiss_params": args.approx_params})]
         for label, kw in runs:
-            if not (args.skip_torch and label.endswith("torch")):
+            if label.split("-")[1] in chosen:
                 rows.append(timed_eval(label, str(root), store, args.work, **kw))
     machine = {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "platform": platform.platform()}
     atomic_write_json(args.work / "bench_eval.json", {"machine": machine, "args": vars(args), "rows": rows})

@@ -23,7 +23,7 @@ import numpy as np
 
 from jepa_cache.config import LiveConfig, TrainConfig
 from jepa_cache.errors import UserError
-from jepa_cache.models import DEFAULT_MODEL, resolve_model, weights_sha256
+from jepa_cache.models import DEFAULT_MODEL, KNOWN, resolve_model, weights_sha256
 from jepa_cache.store import open_store
 from jepa_cache.store_writer import StoreWriter
 from jepa_cache.live import train_live
@@ -75,7 +75,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-train", help="stores and heads go here")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="encoder for the live loop (must be the reference vectors' encoder)")
     ap.add_argument("--live-dataset", default="scifact")
-    ap.add_argument("--live-pairs", type=int, default=48, help="pairs encoded live (about 1 s each on a 2-core CPU)")
+    ap.add_argument("--live-pairs", type=int, default=48,
+                    help="pairs encoded live (about 1 s each on a 2-core CPU); 0: the cached epochs only, no encoder needed")
     ap.add_argument("--live-batch-size", type=int, default=16)
     ap.add_argument("--preset", default="jepa", help="heads preset (the figures in the README used jepa, then named default)")
     ap.add_argument("--device", default="cpu")
@@ -86,8 +87,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    folder = resolve_model(args.model)
-    sha = weights_sha256(folder)
+    # The encoder is only loaded for the live side; the cached stores carry the pinned fingerprint of the reference's encoder.
+    folder = resolve_model(args.model) if args.live_pairs else None
+    sha = weights_sha256(folder) if folder else KNOWN[DEFAULT_MODEL].sha256
     print(f"device {args.device}, {torch.get_num_threads()} torch thread(s), preset {args.preset}")
 
     cached_per_pair, batch_sizes, stores = {}, {}, {}
@@ -101,6 +103,8 @@ def main() -> None:
         print(f"cached  {name:9s}: {n_pairs:>7,} pairs, {len(result.history)} steps of {result.config.batch_size}: epoch {seconds:7.2f} s "
               f"= {1e6 * seconds / n_pairs:8.1f} µs/pair (whole run {cpu:.1f} CPU s); {result.heads.parameter_counts()['total']:,} parameters")
 
+    if not args.live_pairs:
+        return
     name = args.live_dataset
     if name not in stores:
         stores[name] = reference_store(name, args.reference, args.work / f"{name}-reference-f32", sha)
