@@ -25,10 +25,10 @@ import argparse
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from interleave import Timings, interleaved  # a sibling module: run as `python pipelines/bench_build.py`
 
 from jepa_cache.errors import UserError
 
@@ -72,8 +72,12 @@ def subset(dataset: str, data_dir: str | None, n: int) -> list[str]:
     from jepa_cache.datasets import find_dataset, read_corpus
 
     _, texts = read_corpus(find_dataset(dataset, data_dir).corpus_path)
-    picks = np.linspace(0, len(texts) - 1, min(n, len(texts))).astype(int)  # evenly spaced: the corpus's mix of lengths
-    return [texts[i] for i in picks]
+    return [texts[i] for i in subset_rows(len(texts), n)]
+
+
+def subset_rows(total: int, n: int) -> np.ndarray:
+    """The rows of `n` documents evenly spaced over a corpus of `total`: the corpus's mix of lengths."""
+    return np.linspace(0, total - 1, min(n, total)).astype(int)
 
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}  # dense, SXM where it varies
@@ -176,22 +180,17 @@ def main() -> None:
         for side in sides.values():
             side(head)
         # Wall time is what a user waits; CPU time (this process, all threads) is what the work costs.
-        wall = {name: 0.0 for name in sides}
-        cpu = {name: 0.0 for name in sides}
-        outputs: dict[str, list[np.ndarray]] = {name: [] for name in sides}
         load_before = os.getloadavg()
         names = list(sides)
-        for b, start in enumerate(range(0, len(texts), args.block)):
-            block = texts[start : start + args.block]
-            for name in names[b % len(names):] + names[: b % len(names)]:  # rotate who goes first
-                sync()
-                t0, c0 = time.perf_counter(), time.process_time()
-                outputs[name].append(sides[name](block))
-                sync()
-                wall[name] += time.perf_counter() - t0
-                cpu[name] += time.process_time() - c0
-            print(f"  {n_threads} thread(s), block {b + 1}: " + ", ".join(f"{n} {len(block) * (b + 1) / wall[n]:.2f}" for n in names)
+        blocks = [texts[start : start + args.block] for start in range(0, len(texts), args.block)]
+
+        def progress(b: int, so_far: Timings) -> None:
+            done = sum(len(block) for block in blocks[:b])
+            print(f"  {n_threads} thread(s), block {b}: " + ", ".join(f"{n} {done / so_far.wall[n]:.2f}" for n in names)
                   + " docs/s so far", flush=True)
+
+        timings = interleaved(sides, blocks, sync, progress)
+        wall, cpu, outputs = timings.wall, timings.cpu, timings.outputs
         load_after = os.getloadavg()
         peer = np.concatenate(outputs["plain"])
         print(f"\n{n_threads} thread(s): 1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} cores")

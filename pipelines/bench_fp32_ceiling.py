@@ -16,6 +16,8 @@ import argparse
 import time
 
 import numpy as np
+from bench_build import subset  # sibling scripts: run as `python pipelines/bench_fp32_ceiling.py`
+from interleave import interleaved
 
 
 def gemm_rate(dtype, threads: int, m: int = 4096, k: int = 768, n: int = 3072, repeats: int = 10) -> float:
@@ -30,6 +32,16 @@ def gemm_rate(dtype, threads: int, m: int = 4096, k: int = 768, n: int = 3072, r
     for _ in range(repeats):
         a @ b
     return 2 * m * k * n * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def token_flops(model, tokens: int, batches: list[dict[str, np.ndarray]]) -> float:
+    """Model FLOPs on the real tokens: 2 x the layers' matrix parameters per token, plus attention's two products
+    (4 x length x hidden per token and layer; padding is not counted)."""
+    config = model[0].auto_model.config
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    per_layer = 4 * hidden * hidden + 2 * hidden * config.intermediate_size
+    attention = sum(4 * float((b["attention_mask"].sum(1) ** 2).sum()) * hidden for b in batches) * layers
+    return 2 * per_layer * layers * tokens + attention
 
 
 def pooled(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -60,8 +72,6 @@ def main() -> None:
     model = load_encoder(folder)
     xml = str(cached_conversion(model, folder, "openvino", weights_sha256(folder)))
     names = input_names(model)
-    from bench_build import subset  # noqa: PLC0415  (a sibling script: the same documents as the build benchmark)
-
     texts = subset("scifact", args.data_dir, args.docs)
     lengths = [len(ids) for ids in tokenize(model, texts)["input_ids"]]
     texts = [texts[i] for i in np.argsort(lengths)[::-1]]  # length-sorted, as the build
@@ -96,20 +106,20 @@ def main() -> None:
     for side in sides.values():  # warm-up, and every static shape compiled before timing
         for batch in batches:
             side(batch)
-    seconds = dict.fromkeys(sides, 0.0)
-    vectors: dict[str, list[np.ndarray]] = {name: [] for name in sides}
     order = list(sides)
-    for i, batch in enumerate(batches):
-        for name in order[i % len(order):] + order[: i % len(order)]:
-            t0 = time.perf_counter()
-            out = np.array(sides[name](batch))
-            seconds[name] += time.perf_counter() - t0
-            vectors[name].append(pooled(out, batch["attention_mask"]))
+    timings = interleaved({name: lambda batch, side=side: np.array(side(batch)) for name, side in sides.items()}, batches)
+    seconds = timings.wall
+    vectors = {name: [pooled(out, batch["attention_mask"]) for out, batch in zip(outs, batches)]
+               for name, outs in timings.outputs.items()}
     reference = np.concatenate(vectors["dynamic f32"])
-    print(f"{len(texts)} SciFact documents, {sum(lengths):,} real tokens, batch {args.batch_size}, {args.threads} thread(s)")
+    tokens = sum(lengths)
+    flops = token_flops(model, tokens, batches)
+    print(f"{len(texts)} SciFact documents, {tokens:,} real tokens, batch {args.batch_size}, {args.threads} thread(s); "
+          f"{flops / tokens / 1e6:.0f} MFLOP per real token (matrix products of the layers and attention over the real tokens)")
     for name in order:
         cos = (np.concatenate(vectors[name]) * reference).sum(1).min()
-        print(f"  {name:22s} {seconds[name]:7.2f} s  {seconds['dynamic f32'] / seconds[name]:5.2f}x  min cosine {cos:.7f}")
+        print(f"  {name:22s} {seconds[name]:7.2f} s  {seconds['dynamic f32'] / seconds[name]:5.2f}x  {tokens / seconds[name]:6.0f} "
+              f"real tokens/s  {flops / seconds[name] / 1e9:4.0f} GFLOP/s  min cosine {cos:.7f}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_build import subset_rows  # sibling scripts: run as `python pipelines/bench_int8.py`
+from interleave import interleaved
 
 from jepa_cache.errors import UserError
 
@@ -137,7 +139,7 @@ def main() -> None:
     import openvino as ov
     import torch
 
-    from jepa_cache.backends import cached_conversion, input_names
+    from jepa_cache.backends import cached_conversion, input_names, runtime_version
     from jepa_cache.datasets import find_dataset, read_corpus
     from jepa_cache.encoder import encode, load_encoder, tokenize
     from jepa_cache.models import resolve_model, weights_sha256
@@ -148,12 +150,14 @@ def main() -> None:
     model = load_encoder(folder)
     names = input_names(model)
     _, corpus = read_corpus(find_dataset(args.dataset, args.data_dir).corpus_path)
-    picks = np.linspace(0, len(corpus) - 1, min(args.docs, len(corpus))).astype(int)  # bench_build.py's subset
+    picks = subset_rows(len(corpus), args.docs)
     texts = [corpus[i] for i in picks]
     tokens = sum(len(ids) for ids in tokenize(model, texts)["input_ids"])
     ov_file = cached_conversion(model, folder, "openvino", sha)
     tmp = tempfile.TemporaryDirectory()
-    keep = Path(args.keep) if args.keep else Path(tmp.name)
+    # reused only for the same weights and runtimes
+    keyed = f"{sha[:12]}-openvino-{runtime_version('openvino')}-onnxruntime-{runtime_version('onnx')}"
+    keep = Path(args.keep) / keyed if args.keep else Path(tmp.name)
 
     sides = {"ov-fp32": openvino_runtime(ov_file, names, "f32", args.threads),
              "ov-bf16": openvino_runtime(ov_file, names, "bf16", args.threads)}
@@ -173,17 +177,14 @@ def main() -> None:
           f"{args.threads} thread(s), {os.cpu_count()} cores; OpenVINO {ov.__version__.split('-')[0]}", flush=True)
     for runtime in sides.values():  # warm-up: first-call allocations and kernel choices are not what we measure
         encode(model, texts[:4], args.batch_size, runtime=runtime)
-    wall = {name: 0.0 for name in sides}
-    outputs: dict[str, list[np.ndarray]] = {name: [] for name in sides}
     order = list(sides)
     load_before = os.getloadavg()
-    for b, start in enumerate(range(0, len(texts), args.block)):
-        block = texts[start : start + args.block]
-        for name in order[b % len(order):] + order[: b % len(order)]:  # rotate who goes first
-            t0 = time.perf_counter()
-            outputs[name].append(encode(model, block, args.batch_size, runtime=sides[name]))
-            wall[name] += time.perf_counter() - t0
-        print(f"  block {b + 1}: " + ", ".join(f"{n} {wall[n]:.1f} s" for n in order), flush=True)
+    blocks = [texts[start : start + args.block] for start in range(0, len(texts), args.block)]
+    timings = interleaved({name: lambda block, runtime=runtime: encode(model, block, args.batch_size, runtime=runtime)
+                           for name, runtime in sides.items()}, blocks,
+                          progress=lambda b, so_far: print(f"  block {b}: " + ", ".join(
+                              f"{n} {so_far.wall[n]:.1f} s" for n in order), flush=True))
+    wall, outputs = timings.wall, timings.outputs
     load_after = os.getloadavg()
     print(f"\n1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     reference = np.concatenate(outputs["ov-fp32"])

@@ -36,7 +36,7 @@ def cosines(a: tuple[list[str], np.ndarray], b: tuple[list[str], np.ndarray]) ->
     row_of = {doc_id: i for i, doc_id in enumerate(ids_b)}
     missing = [doc_id for doc_id in ids_a if doc_id not in row_of]
     if missing:
-        raise UserError(f"{len(missing)} ids of the first side are not in the second (e.g. {missing[0]!r})")
+        raise UserError(f"{len(missing)} id(s) of the first side are not in the second (e.g. {missing[0]!r})")
     matched = vb[[row_of[doc_id] for doc_id in ids_a]]
     return (unit(np.asarray(va, np.float64)) * unit(np.asarray(matched, np.float64))).sum(axis=1)
 

@@ -1,12 +1,12 @@
 """Stage what `pipelines/gpu_figures.sh` needs on a lent GPU machine, and print the device calls to make.
 
 The device machine has torch, sentence-transformers, typer and pyarrow but not zarr, numcodecs,
-google-crc32c or pytrec_eval, nor ../shared, and at most 64 MiB travel per call. This fills `.stage/`
-(git-ignored): `env/` (Python 3.12 wheels, the SciFact and NFCorpus BEIR folders, NFCorpus's
-reference vectors, all-mpnet-base-v2's small files, the weights' sha256; about 40 MB) and, with
-`--weights`, `parts/NN` (the 438 MB safetensors in 55 MB parts, one call each; the final call joins and
-checks them). Without the weights, the figures script measures speed with a random-weight MPNet of
-the same config and says so.
+donfig, google-crc32c or pytrec_eval, nor ../shared, and at most 64 MiB travel per call. This fills
+`.stage/` (git-ignored): `env/` (Python 3.12 wheels, the SciFact and NFCorpus BEIR folders, NFCorpus's
+reference vectors, all-mpnet-base-v2's small files, the weights' sha256; 38 MiB) and, with `--weights`,
+`parts/NN` (the 418 MiB safetensors in 55 MiB parts, one call each; the final call joins and checks
+them). Without the weights, the figures script measures speed with a random-weight MPNet of the same
+config and says so.
 
     python pipelines/gpu_stage.py --weights
 """
@@ -24,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-PART_BYTES = 55 * 2**20  # with the repo (~7 MB) under the 64 MiB a call carries
+PART_BYTES = 55 * 2**20  # with the repo's tracked files (checked below) under the 64 MiB a call carries
+CALL_BYTES = 64 * 2**20
 DATASETS = ("scifact", "nfcorpus")  # bench_build's FiQA-sized input is drawn from both
 # Versions the suite passes with here, for the device's Python 3.12; the rest of the deps are on its image.
 WHEELS = ("zarr==3.1.6", "numcodecs==0.16.6", "donfig==0.8.1.post1", "google-crc32c==1.9.0", "pytrec_eval-terrier==0.5.11")
@@ -49,6 +50,12 @@ def copy_data(env: Path, data: Path, reference: Path) -> None:
 def copy_model_files(folder: Path, dest: Path) -> None:
     """Everything of the model folder but its weights (config, tokenizer, pooling)."""
     shutil.copytree(folder, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "README.md"))
+
+
+def tracked_bytes() -> int:
+    """What every call carries anyway: the files git tracks (untracked, not ignored ones travel too: keep none)."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    return sum((ROOT / f.decode()).stat().st_size for f in files if f and (ROOT / f.decode()).is_file())
 
 
 def split(file: Path, dest: Path) -> list[Path]:
@@ -80,19 +87,27 @@ def main() -> None:
     folder = resolve_model(DEFAULT_MODEL)
     copy_model_files(folder, env / "mpnet")
     (env / "weights.sha256").write_text(KNOWN[DEFAULT_MODEL].sha256 + "\n")
+    repo = tracked_bytes()
     size = sum(f.stat().st_size for f in env.rglob("*") if f.is_file())
-    print(f"{env}: {size / 2**20:.1f} MiB")
+    print(f"{env}: {size / 2**20:.1f} MiB; the repo's tracked files {repo / 2**20:.1f} MiB")
+    if repo + max(size, PART_BYTES if args.weights else 0) > CALL_BYTES:
+        raise SystemExit("a call would carry more than 64 MiB: make PART_BYTES smaller or stage less")
     calls = []
     if args.weights:
         weights = weights_file(folder)
         digest = hashlib.sha256(weights.read_bytes()).hexdigest()
         if digest != KNOWN[DEFAULT_MODEL].sha256:
             raise SystemExit(f"{weights}: sha256 {digest[:12]}… is not the pinned all-mpnet-base-v2's")
-        for part in split(weights, stage / "parts"):
+        parts = split(weights, stage / "parts")
+        (env / "weights.parts").write_text(f"{len(parts)}\n")
+        for part in parts:
             calls.append(RUN.format(command=f"bash pipelines/gpu_figures.sh part {part.name}",
                                     carry=json.dumps([str(part.relative_to(ROOT))]), timeout=60))
-    calls.append(RUN.format(command="bash pipelines/gpu_figures.sh", carry=json.dumps([".stage/env"]), timeout=580))
-    print("device calls, in this order, each within 30 s of the last (the machine stays warm that long):")
+    calls.append(RUN.format(command="bash pipelines/gpu_figures.sh", carry=json.dumps([".stage/env"]), timeout=480))
+    print("First `status`: budget_left_s must cover the start (1-2 min), ~20 s a part and 8 min for the last call;")
+    print("with less, send no parts (speed on random weights). Then these calls, in order, each within 30 s of the")
+    print("last: the machine stays warm that long. If a reply says `warm: false` after a part, the parts sent")
+    print("so far are gone: start again from part 00.")
     print("\n".join(calls))
 
 

@@ -42,5 +42,5 @@ def test_ids_missing_from_the_second_side_are_refused(tmp_path):
     vectors = np.eye(3)
     write_reference(tmp_path / "a", "corpus", ["a", "b", "c"], vectors)
     write_reference(tmp_path / "b", "corpus", ["a", "b"], vectors[:2])
-    with pytest.raises(UserError, match="1 ids of the first side are not in the second"):
+    with pytest.raises(UserError, match=r"1 id\(s\) of the first side are not in the second"):
         compare_stores.cosines(compare_stores.load(tmp_path / "a", "corpus"), compare_stores.load(tmp_path / "b", "corpus"))
