@@ -4,7 +4,8 @@ Prints the CPU's fp32 (and bf16) GEMM rate through PyTorch, then runs the build'
 conversion of all-mpnet-base-v2 over the same length-sorted batches of SciFact documents,
 interleaved batch by batch, in four settings: dynamic shapes at f32 (what `build` does), static
 shapes compiled per (batch, length rounded up to --round), and the f16 and bf16 precision hints;
-each with its time ratio to the first and the minimum cosine of its mean-pooled vectors to it.
+each with its time ratio to the first, real tokens/s, model GFLOP/s on the real tokens, and the
+minimum cosine of its mean-pooled vectors to the first's.
 The README's "Encoder backends" paragraph quotes it.
 
     python pipelines/bench_fp32_ceiling.py --docs 96 --threads 2
