@@ -232,34 +232,35 @@ def cached_conversion(
     return path / _FILES[backend]
 
 
+def openvino_infer(source: Any, hint: str, threads: int) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """OpenVINO on the CPU running `source` (a model file, or an openvino.Model) in precision `hint` (f32, bf16, f16):
+    arrays in, its first output out. The hint is always explicit: on CPUs with AMX/AVX512-BF16 OpenVINO would
+    otherwise run in bf16."""
+    config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    model = str(source) if isinstance(source, (str, Path)) else source
+    request = _runtime("openvino").Core().compile_model(model, "CPU", config).create_infer_request()
+    return lambda arrays: request.infer(arrays)[0]
+
+
+def onnx_infer(file: Path, threads: int) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """ONNX Runtime on the CPU running the model in `file` with `threads` threads: arrays in, its first output out."""
+    module = _runtime("onnx")
+    options = module.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = module.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+    return lambda arrays: session.run(None, arrays)[0]
+
+
 def load_runtime(model, folder: Path, backend: str, weights_sha256: str, log: Callable[[str], None] = print,
                  precision: str | None = None) -> Runtime:
     """The runtime that encodes with `model` on `backend` and `precision` (both resolved; None: auto), with torch's
     thread count."""
     if backend == "torch":
         return Runtime("torch", precision=precision)
-    module = _runtime(backend)
-    names = input_names(model)
     file = cached_conversion(model, folder, backend, weights_sha256, log)
     threads = torch.get_num_threads()
     if backend == "openvino":
-        # explicit: on CPUs with AMX/AVX512-BF16 OpenVINO would otherwise run in bf16
-        hint = "bf16" if precision == "bfloat16" else "f32"
-        compiled = module.Core().compile_model(
-            str(file),
-            "CPU",
-            {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"},
-        )
-        request = compiled.create_infer_request()
-
-        def infer(arrays: dict[str, np.ndarray]) -> np.ndarray:
-            return request.infer(arrays)[0]
+        infer = openvino_infer(file, "bf16" if precision == "bfloat16" else "f32", threads)
     else:
-        options = module.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        session = module.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
-
-        def infer(arrays: dict[str, np.ndarray]) -> np.ndarray:
-            return session.run(None, arrays)[0]
-
-    return Runtime(backend, infer, names, precision)
+        infer = onnx_infer(file, threads)
+    return Runtime(backend, infer, input_names(model), precision)

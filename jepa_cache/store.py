@@ -59,7 +59,7 @@ def package_versions() -> dict[str, str]:
 
 def default_store_path(dataset: str, model: str) -> Path:
     """Where build and import put, and eval and train look for, `dataset`'s store made by `model`."""
-    return DEFAULT_CACHE_DIR / dataset / model_folder_name(str(model))
+    return DEFAULT_CACHE_DIR / dataset / model_folder_name(model)
 
 
 def now_iso() -> str:

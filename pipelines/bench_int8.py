@@ -65,7 +65,7 @@ def calibration_items(model, texts: list[str], measured: set[int], n: int) -> li
     from jepa_cache.encoder import tokenize
 
     rest = [i for i in range(len(texts)) if i not in measured]
-    picks = [rest[i] for i in np.linspace(0, len(rest) - 1, min(n, len(rest))).astype(int)]
+    picks = [rest[i] for i in subset_rows(len(rest), n)]
     tokens = tokenize(model, [texts[i] for i in picks])
     return [{k: np.asarray([v[j]], dtype=np.int64) for k, v in tokens.items()} for j in range(len(picks))]
 
@@ -92,32 +92,15 @@ def quantised(source: Path, variant: str, items: list[dict[str, np.ndarray]], de
     return file
 
 
-def openvino_runtime(file: Path, names: tuple[str, ...], hint: str, threads: int):
-    import openvino as ov
-
-    from jepa_cache.backends import Runtime
-
-    compiled = ov.Core().compile_model(
-        str(file), "CPU", {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    )
-    request = compiled.create_infer_request()
-    return Runtime("openvino", lambda arrays: request.infer(arrays)[0], names)
-
-
-def ort_int8_runtime(onnx_file: Path, names: tuple[str, ...], threads: int, dest: Path):
-    import onnxruntime as ort
+def ort_int8_file(onnx_file: Path, dest: Path) -> Path:
+    """ONNX Runtime's dynamic int8 copy of `onnx_file` in `dest` (made once, reused when already there)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from jepa_cache.backends import Runtime
 
     file = dest / "ort-dynamic-int8.onnx"
     if not file.is_file():
         dest.mkdir(parents=True, exist_ok=True)
         quantize_dynamic(str(onnx_file), str(file), weight_type=QuantType.QInt8, per_channel=True, reduce_range=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
-    return Runtime("onnx", lambda arrays: session.run(None, arrays)[0], names)
+    return file
 
 
 def main() -> None:
@@ -139,7 +122,7 @@ def main() -> None:
     import openvino as ov
     import torch
 
-    from jepa_cache.backends import cached_conversion, input_names, runtime_version
+    from jepa_cache.backends import Runtime, cached_conversion, input_names, onnx_infer, openvino_infer, runtime_version
     from jepa_cache.datasets import find_dataset, read_corpus
     from jepa_cache.encoder import encode, load_encoder, tokenize
     from jepa_cache.models import resolve_model, weights_sha256
@@ -159,8 +142,10 @@ def main() -> None:
     keyed = f"{sha[:12]}-openvino-{runtime_version('openvino')}-onnxruntime-{runtime_version('onnx')}"
     keep = Path(args.keep) / keyed if args.keep else Path(tmp.name)
 
-    sides = {"ov-fp32": openvino_runtime(ov_file, names, "f32", args.threads),
-             "ov-bf16": openvino_runtime(ov_file, names, "bf16", args.threads)}
+    def openvino(file: Path, hint: str) -> Runtime:
+        return Runtime("openvino", openvino_infer(file, hint, args.threads), names)
+
+    sides = {"ov-fp32": openvino(ov_file, "f32"), "ov-bf16": openvino(ov_file, "bf16")}
     variants = [v for v in args.variants.split(",") if v]
     if set(variants) - set(VARIANTS):
         raise SystemExit(f"--variants: choose from {', '.join(VARIANTS)}")
@@ -169,9 +154,10 @@ def main() -> None:
         for variant in variants:
             file = quantised(ov_file, variant, items, keep / f"{args.dataset}-{variant}-calibration{len(items)}")
             for hint in args.hints.split(","):
-                sides[f"nncf-{variant}-{hint}"] = openvino_runtime(file, names, hint, args.threads)
+                sides[f"nncf-{variant}-{hint}"] = openvino(file, hint)
     if not args.no_ort:
-        sides["ort-int8"] = ort_int8_runtime(cached_conversion(model, folder, "onnx", sha), names, args.threads, keep)
+        int8 = ort_int8_file(cached_conversion(model, folder, "onnx", sha), keep)
+        sides["ort-int8"] = Runtime("onnx", onnx_infer(int8, args.threads), names)
 
     print(f"{len(texts)} {args.dataset} documents ({tokens:,} real tokens), batch {args.batch_size}, blocks of {args.block}, "
           f"{args.threads} thread(s), {os.cpu_count()} cores; OpenVINO {ov.__version__.split('-')[0]}", flush=True)

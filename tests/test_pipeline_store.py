@@ -3,7 +3,6 @@ imported store is reused in a shell without $JEPA_CACHE_REFERENCE instead of bei
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
